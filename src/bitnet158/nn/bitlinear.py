@@ -1,0 +1,70 @@
+"""BitLinear layers: `BitLinear` trains fp master weights through fake quantization;
+`PackedBitLinear` holds 2-bit packed ternary weights and one scale for inference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitnet158.kernels import ternary_linear
+from bitnet158.packing import ROWS_PER_BYTE, pack_2bit
+from bitnet158.quant.fake import fake_quant_activations, fake_quant_ternary
+from bitnet158.quant.weights import quantize_ternary
+
+
+class BitLinear(nn.Linear):
+    """A drop-in `nn.Linear` whose weights (ternary, per tensor) and inputs (int8, per token) are
+    fake-quantized, with straight-through gradients to the fp master weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quant_activations(x), fake_quant_ternary(self.weight), self.bias)
+
+
+class PackedBitLinear(nn.Module):
+    """Inference BitLinear. `weight` is uint8 `[ceil(out / 4), in]` in transformers' packed layout and
+    `weight_scale` is `s = mean|W|`, so that `W ≈ s * unpack(weight)`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        packed_rows = -(-out_features // ROWS_PER_BYTE)
+        self.register_buffer("weight", torch.zeros(packed_rows, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedBitLinear:
+        """Quantize and pack a trained linear layer's weight (meta tensors give an empty layer)."""
+        has_bias = linear.bias is not None
+        layer = cls(linear.in_features, linear.out_features, has_bias, linear.weight.device, linear.weight.dtype)
+        if linear.weight.device.type != "meta":
+            layer.set_weight(linear.weight.detach())
+            if has_bias:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision weight `[out, in]` into this layer."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a {self.in_features}->{self.out_features} layer"
+            )
+        quantized = quantize_ternary(weight)
+        self.weight = pack_2bit(quantized.codes).to(self.weight.device)
+        self.weight_scale = quantized.scale.to(self.weight_scale.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ternary_linear(x, self.weight, self.weight_scale, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
