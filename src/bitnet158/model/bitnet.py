@@ -8,6 +8,7 @@ Module and tensor names follow Hugging Face's `BitNetForCausalLM`, so state dict
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -182,11 +183,12 @@ class BitNetForCausalLM(nn.Module):
         path: str | os.PathLike,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> BitNetForCausalLM:
         """Load a Hugging Face BitNet folder (packed or master weights) as a packed inference model.
 
         `dtype` is that of the embeddings, norms and activations: by default float32 on CPU and the
-        config's `torch_dtype` elsewhere.
+        config's `torch_dtype` elsewhere. `progress(done, total)` is called after each tensor.
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -195,7 +197,7 @@ class BitNetForCausalLM(nn.Module):
         device = torch.device(device)
         with torch.device("meta"):
             model = freeze_(cls(config))
-        load_weights(model, folder, device, resolve_dtype(config, device, dtype))
+        load_weights(model, folder, device, resolve_dtype(config, device, dtype), progress)
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:

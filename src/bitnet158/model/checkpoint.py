@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -129,10 +129,19 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, attr, value)
 
 
-def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+def load_weights(
+    model: nn.Module,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Fill a model built on the meta device (with `PackedBitLinear` layers) from a checkpoint folder."""
     config: BitNetConfig = model.config
     packed_layers = {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    others = [name for name in model.state_dict() if name.rpartition(".")[0] not in packed_layers and name not in tied]
+    total = len(packed_layers) + len(others)
     with ExitStack() as stack:
         index = _TensorIndex(checkpoint_files(folder), stack)
 
@@ -141,7 +150,7 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
                 raise UserError(f"{folder}: checkpoint has no tensor '{name}'")
             return index.get(name)
 
-        for layer_name, layer in packed_layers.items():
+        for done, (layer_name, layer) in enumerate(packed_layers.items(), start=1):
             weight_name, scale_name = f"{layer_name}.weight", f"{layer_name}.weight_scale"
             weight = require(weight_name)
             scale = index.get(scale_name) if scale_name in index.file_of else None
@@ -149,10 +158,12 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
                                        config.linear_class)
             _set_tensor(model, weight_name, packed.to(device))
             _set_tensor(model, scale_name, s.to(device=device, dtype=torch.float32))
+            if progress:
+                progress(done, total)
 
-        for name, placeholder in model.state_dict().items():
-            if name.rpartition(".")[0] in packed_layers or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue
+        placeholders = model.state_dict()
+        for done, name in enumerate(others, start=len(packed_layers) + 1):
+            placeholder = placeholders[name]
             tensor = require(name)
             file = index.file_of[name]
             if tuple(tensor.shape) != tuple(placeholder.shape):
@@ -162,6 +173,8 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
             if not tensor.is_floating_point():
                 raise UserError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected a float type")
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+            if progress:
+                progress(done, total)
     model.tie_weights()
 
 
