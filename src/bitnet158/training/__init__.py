@@ -1,0 +1,1 @@
+"""Training from scratch: the stdlib corpus and tokenizer, token files, and the QAT loop."""
