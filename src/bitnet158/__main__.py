@@ -1,0 +1,3 @@
+from bitnet158.cli.main import main
+
+main()
