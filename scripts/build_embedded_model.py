@@ -7,7 +7,7 @@ Run from the repository root, one stage at a time (the stages ran on different m
     python scripts/build_embedded_model.py install  # any CPU: copy runs/ternary into the package, check it there
 
 `train` runs the ternary model and the bf16 baseline of the same shape side by side on the one GPU, with
-the same data, seed and hyperparameters, so with the same token budget (3000 steps of 32 x 1024 tokens).
+the same data, seed and hyperparameters, so with the same token budget (1500 steps of 32 x 1024 tokens).
 Without an installed package, put `src` on PYTHONPATH.
 """
 
@@ -38,8 +38,8 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 SEQ_LEN = 1024
 TRAIN_FLAGS = [
     "--data", str(DATA), "--model-config", str(ROOT / "scripts" / "embedded_model.json"),
-    "--steps", "3000", "--batch-size", "32", "--seq-len", str(SEQ_LEN), "--lr", "1.5e-3", "--warmup", "200",
-    "--eval-every", "500", "--seed", "0",
+    "--steps", "1500", "--batch-size", "32", "--seq-len", str(SEQ_LEN), "--lr", "1.5e-3", "--warmup", "200",
+    "--eval-every", "250", "--seed", "0",
 ]  # fmt: skip
 PROMPT = "def fibonacci(n):"
 
