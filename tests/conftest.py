@@ -39,6 +39,12 @@ def randomize_(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.fixture
+def randomize():
+    """`randomize(model)`: the random weights of `make_model`, for models built elsewhere (transformers')."""
+    return randomize_
+
+
+@pytest.fixture
 def make_model():
     """`make_model(**config_overrides)`: a tiny random BitNet model (fp master weights) in eval mode."""
 
@@ -47,6 +53,30 @@ def make_model():
         return randomize_(model).eval()
 
     return make
+
+
+def _assert_logits_match(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Two float32 computations of one quantized model agree, position by position.
+
+    Activations are rounded to integer codes, so a last-bit difference just before a rounding can move
+    one code by one step: that shifts the logits of its token (and, through attention, of later tokens)
+    by up to a few percent of their scale. So every position must agree to 5% of the logit scale, at
+    least half of them to float32 rounding (1e-5 of the scale), and the greedy token must be the same
+    wherever the difference is too small to reorder the top two logits.
+    """
+    scale = expected.abs().max()
+    diff = (actual - expected).abs().amax(dim=-1) / scale
+    assert diff.max() < 5e-2, f"logits differ by {diff.max():.2e} of their scale"
+    tight = (diff < 1e-5).float().mean()
+    assert tight >= 0.5, f"only {tight:.0%} of positions agree to float32 rounding (worst {diff.max():.2e})"
+    top2 = expected.topk(2, dim=-1).values
+    decisive = top2[..., 0] - top2[..., 1] > 2 * diff * scale
+    assert torch.equal(actual.argmax(-1)[decisive], expected.argmax(-1)[decisive])
+
+
+@pytest.fixture
+def assert_logits_match():
+    return _assert_logits_match
 
 
 @pytest.fixture

@@ -8,11 +8,6 @@ from bitnet158 import BitLinear, BitNetConfig, KVCache, PackedBitLinear, freeze_
 REFERENCE_CONFIG = "/work/shared/reference/bitnet-b1.58-2B-4T.config.json"
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """float32 agreement on logits of order 1-10: different summation orders, same arithmetic."""
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 7), (3, 16)])
 def test_logits_shape(make_model, batch, seq):
     model = make_model()
@@ -24,13 +19,13 @@ def test_logits_shape(make_model, batch, seq):
     assert torch.isfinite(logits).all()
 
 
-def test_causal_earlier_logits_ignore_later_tokens(make_model):
+def test_causal_earlier_logits_ignore_later_tokens(make_model, assert_logits_match):
     model = make_model()
     ids = torch.randint(0, 211, (2, 9))
     changed = ids.clone()
     changed[:, 6:] = torch.randint(0, 211, (2, 3))
     with torch.no_grad():
-        close(model(changed)[:, :6], model(ids)[:, :6])
+        assert_logits_match(model(changed)[:, :6], model(ids)[:, :6])
 
 
 def test_reference_2b4t_config():
@@ -58,7 +53,7 @@ def test_config_dict_round_trip():
 
 
 @pytest.mark.parametrize("frozen", [False, True])
-def test_kv_cache_decode_equals_full_forward(make_model, frozen):
+def test_kv_cache_decode_equals_full_forward(make_model, assert_logits_match, frozen):
     model = make_model()
     if frozen:
         freeze_(model)
@@ -69,7 +64,7 @@ def test_kv_cache_decode_equals_full_forward(make_model, frozen):
         steps = [model(ids[:, :5], cache)]
         steps += [model(ids[:, t : t + 1], cache) for t in range(5, 11)]
     assert cache.length == 11
-    close(torch.cat(steps, dim=1), full)
+    assert_logits_match(torch.cat(steps, dim=1), full)
 
 
 def test_kv_cache_overflow_is_refused(make_model):
@@ -79,7 +74,7 @@ def test_kv_cache_overflow_is_refused(make_model):
         model(torch.zeros(1, 5, dtype=torch.long), cache)
 
 
-def test_left_padded_batch_matches_each_sequence_alone(make_model):
+def test_left_padded_batch_matches_each_sequence_alone(make_model, assert_logits_match):
     model = freeze_(make_model())
     prompts = [torch.randint(3, 211, (n,)) for n in (7, 3, 5)]
     longest = max(len(p) for p in prompts)
@@ -95,7 +90,7 @@ def test_left_padded_batch_matches_each_sequence_alone(make_model):
         for row, prompt in enumerate(prompts):
             alone = model(torch.cat([prompt, next_tokens[row]])[None])[0]
             n = len(prompt)
-            close(torch.stack([b[row] for b in batched]), alone[n - 1 : n + 2])
+            assert_logits_match(torch.stack([b[row] for b in batched]), alone[n - 1 : n + 2])
 
 
 def test_padding_changes_nothing_but_is_needed(make_model):
@@ -121,7 +116,7 @@ def test_tied_and_untied_embeddings(make_model, tie):
         logits = model(torch.randint(0, 211, (2, 5)))
         by_embeddings = normed[0] @ model.model.embed_tokens.weight.T
         by_own_head = normed[0] @ model.lm_head.weight.T
-    close(logits, by_own_head)
+    torch.testing.assert_close(logits, by_own_head, rtol=1e-4, atol=1e-4)
     assert torch.allclose(logits, by_embeddings, rtol=1e-4, atol=1e-4) == tie
 
 
@@ -136,7 +131,7 @@ def test_silu_variant_runs_and_differs_from_relu2(make_model):
     assert (out_silu - out_relu2).abs().max() > 1e-2
 
 
-def test_fresh_model_trains_and_freezes(make_model):
+def test_fresh_model_trains_and_freezes(make_model, assert_logits_match):
     model = make_model().train()
     assert sum(isinstance(m, BitLinear) for m in model.modules()) == 2 * 7
     ids = torch.randint(0, 211, (2, 8))
@@ -150,4 +145,4 @@ def test_fresh_model_trains_and_freezes(make_model):
         expected = model(ids)
         freeze_(model)
         assert sum(isinstance(m, PackedBitLinear) for m in model.modules()) == 2 * 7
-        close(model(ids), expected)
+        assert_logits_match(model(ids), expected)
