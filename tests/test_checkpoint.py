@@ -152,6 +152,22 @@ def test_bitlinear_class_stores_inverse_scale(saved):
         torch.testing.assert_close(layer.weight_scale, packed_layers(model)[name].weight_scale, rtol=1e-6, atol=0)
 
 
+def test_bfloat16_weight_scale_loads(saved):
+    """Microsoft's checkpoint stores each weight_scale as one bf16 number."""
+    model, folder = saved
+
+    def to_bfloat16(tensors):
+        for name in list(tensors):
+            if name.endswith(".weight_scale"):
+                tensors[name] = tensors[name].bfloat16()
+
+    edit_tensors(folder / "model.safetensors", to_bfloat16)
+    loaded = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, layer in packed_layers(loaded).items():
+        assert layer.weight_scale.dtype == torch.float32
+        assert torch.equal(layer.weight_scale, packed_layers(model)[name].weight_scale.bfloat16().float()), name
+
+
 def test_unpacked_ternary_weights_with_scale_load(saved):
     """transformers keeps offline autobitlinear weights as float {-1, 0, 1} tensors next to their scale."""
     model, folder = saved

@@ -9,9 +9,14 @@ supports is covered:
 - `autobitlinear` offline with float {-1, 0, 1} weights;
 - `autobitlinear` online: full-precision master weights quantized at run time (by us: at load).
 ours -> transformers: our `save_pretrained` output loads in transformers' `from_pretrained`.
+Tied and untied embeddings, single-file and sharded folders, 4 query heads sharing 2 key/value heads.
 
-Everything runs in float32 on CPU with transformers' eager attention.
+Everything runs in float32 on CPU with transformers' eager attention; logits are compared position by
+position with `assert_logits_match` (conftest.py), which allows for an activation code rounded the
+other way after a last-bit difference.
 """
+
+import json
 
 import pytest
 import torch
@@ -54,7 +59,9 @@ def hf_ternary(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, s
 
 
-def save_with_transformers(float_model: HFBitNetForCausalLM, folder, linear_class: str, storage: str) -> None:
+def save_with_transformers(
+    float_model: HFBitNetForCausalLM, folder, linear_class: str, storage: str, max_shard_size: str
+) -> None:
     """Quantize `float_model` the way transformers stores `linear_class` with `storage` and save it to `folder`."""
     mode = "online" if storage == "master" else "offline"
     quant_config = BitNetQuantConfig(
@@ -85,7 +92,7 @@ def save_with_transformers(float_model: HFBitNetForCausalLM, folder, linear_clas
     result = model.load_state_dict(state, strict=False, assign=True)
     assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
     model.tie_weights()
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
 def load_with_transformers(folder, dtype: torch.dtype = torch.float32) -> HFBitNetForCausalLM:
@@ -103,7 +110,9 @@ def assert_transformers_holds_our_layers(theirs: HFBitNetForCausalLM, ours: BitN
 
 
 def stored_dtype(folder, name: str) -> str:
-    with safe_open(folder / "model.safetensors", framework="pt") as f:
+    index = folder / "model.safetensors.index.json"
+    file = json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors"
+    with safe_open(folder / file, framework="pt") as f:
         return f.get_slice(name).get_dtype()
 
 
@@ -116,12 +125,15 @@ def stored_dtype(folder, name: str) -> str:
         ("autobitlinear", "master", "F32"),
     ],
 )
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "tie, max_shard_size", [(True, "1GB"), (False, "20KB")], ids=["tied-single-file", "untied-sharded"]
+)
 def test_transformers_checkpoint_loads_in_ours(
-    tmp_path, randomize, assert_logits_match, linear_class, storage, weight_dtype, tie
+    tmp_path, randomize, assert_logits_match, linear_class, storage, weight_dtype, tie, max_shard_size
 ):
     float_model = randomize(HFBitNetForCausalLM(HFBitNetConfig(**HF_TINY, tie_word_embeddings=tie)).float())
-    save_with_transformers(float_model, tmp_path, linear_class, storage)
+    save_with_transformers(float_model, tmp_path, linear_class, storage, max_shard_size)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_size == "20KB")
     assert stored_dtype(tmp_path, f"{Q_PROJ}.weight") == weight_dtype
 
     theirs = load_with_transformers(tmp_path)
@@ -139,13 +151,20 @@ def test_transformers_checkpoint_loads_in_ours(
 
     ids = torch.randint(0, 211, (2, 9))
     with torch.no_grad():
-        assert_logits_match(ours(ids), theirs(ids).logits)
+        their_logits = theirs(ids).logits
+        assert_logits_match(ours(ids), their_logits)
+        # and back: our save (autobitlinear, weight_scale = s) gives transformers the same model again
+        ours.save_pretrained(tmp_path / "ours")
+        assert_logits_match(load_with_transformers(tmp_path / "ours")(ids).logits, their_logits)
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_our_checkpoint_loads_in_transformers(tmp_path, make_model, assert_logits_match, tie):
+@pytest.mark.parametrize(
+    "tie, max_shard_bytes", [(True, 2**30), (False, 20_000)], ids=["tied-single-file", "untied-sharded"]
+)
+def test_our_checkpoint_loads_in_transformers(tmp_path, make_model, assert_logits_match, tie, max_shard_bytes):
     model = make_model(tie_word_embeddings=tie)  # torch_dtype float32: nothing is rounded on the way to disk
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (max_shard_bytes == 20_000)
     ours = BitNetForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     theirs = load_with_transformers(tmp_path)
 
@@ -160,10 +179,12 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, make_model, assert_logit
 
 
 def test_our_bfloat16_checkpoint_loads_in_transformers(tmp_path, make_model):
-    """Microsoft's dtype layout: bf16 embeddings and norms, uint8 weights. transformers loads such an
-    offline autobitlinear folder only in the checkpoint's dtype (asked for float32, it leaves the embeddings
-    in bf16 and its float32 layers then fail on the mixed dtypes, for Microsoft's checkpoint as for ours),
-    and bf16 arithmetic moves logits by several percent, so this test compares the tensors, not logits."""
+    """Microsoft's dtype layout: bf16 embeddings and norms, uint8 weights.
+
+    transformers loads a packed offline autobitlinear folder only in the checkpoint's dtype: asked for
+    float32, it leaves the embeddings in bf16 and its float32 layers then fail on the mixed dtypes (a bf16
+    folder saved by transformers itself does the same). bf16 arithmetic moves these logits by several
+    percent in transformers alone, so this test compares the tensors that transformers loaded."""
     model = make_model(tie_word_embeddings=True, torch_dtype="bfloat16")
     model.save_pretrained(tmp_path)
     theirs = load_with_transformers(tmp_path, dtype=torch.bfloat16)
