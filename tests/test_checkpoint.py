@@ -263,6 +263,14 @@ def test_missing_shard(make_model, tmp_path):
     assert load_error(tmp_path) == f"{index}: shard '{shards[1].name}' is missing"
 
 
+@pytest.mark.parametrize("shard", ["/etc/hostname", "../model-00001-of-00003.safetensors", 5])
+def test_index_names_a_shard_outside_the_folder(make_model, tmp_path, shard):
+    freeze_(make_model()).save_pretrained(tmp_path, max_shard_bytes=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+    assert load_error(tmp_path) == f"{index}: shard {shard!r} is not a file name in {tmp_path}"
+
+
 def test_index_not_json(make_model, tmp_path):
     freeze_(make_model()).save_pretrained(tmp_path, max_shard_bytes=20_000)
     index = tmp_path / "model.safetensors.index.json"

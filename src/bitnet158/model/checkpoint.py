@@ -52,11 +52,12 @@ def checkpoint_files(folder: Path) -> list[Path]:
             names = sorted(set(weight_map.values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{index_path}: not a valid safetensors index ({err!r})") from None
-        files = [folder / name for name in names]
-        for file in files:
-            if Path(file.name) != Path(file.relative_to(folder)) or not file.is_file():
-                raise UserError(f"{index_path}: shard '{file.name}' is missing")
-        return files
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise UserError(f"{index_path}: shard {name!r} is not a file name in {folder}")
+            if not (folder / name).is_file():
+                raise UserError(f"{index_path}: shard '{name}' is missing")
+        return [folder / name for name in names]
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
     raise UserError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
