@@ -232,6 +232,12 @@ def test_config_missing_field(saved, field):
         ("hidden_size", "64", "field 'hidden_size' must be a positive integer, got '64'"),
         ("hidden_act", "gelu", "field 'hidden_act' is 'gelu'"),
         ("num_key_value_heads", 3, "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+        ("rms_norm_eps", "1e-5", "field 'rms_norm_eps' must be a positive number, got '1e-5'"),
+        ("rope_parameters", {"rope_theta": -1.0}, "field 'rope_theta' must be a positive number, got -1.0"),
+        ("rope_parameters", 5, "field 'rope_parameters' must be an object, got 5"),
+        ("tie_word_embeddings", "false", "field 'tie_word_embeddings' must be true or false, got 'false'"),
+        ("quantization_config", "bitnet", "field 'quantization_config' must be an object, got 'bitnet'"),
+        ("quantization_config", {"linear_class": "ternary"}, "linear_class 'ternary' is not one of"),
     ],
 )
 def test_config_bad_value(saved, field, value, detail):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,14 @@ class BitNetConfig:
             raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.hidden_act not in ACTIVATIONS:
             raise UserError(f"field 'hidden_act' is {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise UserError(f"field '{name}' must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise UserError(f"field 'tie_word_embeddings' must be true or false, got {self.tie_word_embeddings!r}")
+        if not isinstance(self.quantization_config, dict):
+            raise UserError(f"field 'quantization_config' must be an object, got {self.quantization_config!r}")
         linear_class = self.quantization_config.get("linear_class", "bitlinear")
         if linear_class not in LINEAR_CLASSES:
             raise UserError(f"quantization_config.linear_class {linear_class!r} is not one of {LINEAR_CLASSES}")
@@ -89,6 +98,8 @@ class BitNetConfig:
         values = {k: v for k, v in data.items() if k in known}
         # transformers >= 5 nests rope_theta inside rope_parameters.
         rope = data.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default":
