@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bitnet158 import BitLinear, BitNetConfig, KVCache, PackedBitLinear, freeze_
+from bitnet158 import BitLinear, BitNetConfig, BitNetForCausalLM, KVCache, PackedBitLinear, freeze_
 
 REFERENCE_CONFIG = "/work/shared/reference/bitnet-b1.58-2B-4T.config.json"
 
@@ -45,6 +45,34 @@ def test_reference_2b4t_config():
     assert counts["ternary"] == ternary
     assert counts["high_precision"] == 128256 * 2560 + 30 * (2 * 2560 + 2560 + 6912) + 2560
     assert 2.3e9 < counts["ternary"] + counts["high_precision"] < 2.5e9
+
+
+def test_2b4t_tensor_names_and_shapes():
+    """Built on the meta device (no memory): the names and shapes of Microsoft's packed checkpoint."""
+    config = BitNetConfig.from_json(REFERENCE_CONFIG)
+    with torch.device("meta"):
+        model = freeze_(BitNetForCausalLM(config))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    layer = "model.layers.29"
+    expected = {
+        "model.embed_tokens.weight": (128256, 2560),
+        "model.norm.weight": (2560,),
+        f"{layer}.input_layernorm.weight": (2560,),
+        f"{layer}.post_attention_layernorm.weight": (2560,),
+        f"{layer}.self_attn.q_proj.weight": (640, 2560),
+        f"{layer}.self_attn.k_proj.weight": (160, 2560),
+        f"{layer}.self_attn.v_proj.weight": (160, 2560),
+        f"{layer}.self_attn.o_proj.weight": (640, 2560),
+        f"{layer}.self_attn.attn_sub_norm.weight": (2560,),
+        f"{layer}.mlp.gate_proj.weight": (1728, 2560),
+        f"{layer}.mlp.up_proj.weight": (1728, 2560),
+        f"{layer}.mlp.down_proj.weight": (640, 6912),
+        f"{layer}.mlp.ffn_sub_norm.weight": (6912,),
+        f"{layer}.mlp.down_proj.weight_scale": (1,),
+    }
+    assert {name: shapes.get(name) for name in expected} == expected
+    assert "model.layers.30.input_layernorm.weight" not in shapes
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_config_dict_round_trip():
