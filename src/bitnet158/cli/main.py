@@ -96,7 +96,7 @@ def chat(
         messages.append({"role": "user", "content": user})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         reply = ""
-        for piece in stream(lm, tokenizer, prompt, params, add_bos=False):
+        for piece in stream(lm, tokenizer, prompt, params):
             reply += piece
             _write(piece)
         _write("\n")

@@ -120,6 +120,8 @@ class BitNetConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"{path}: no such file") from None
+        except OSError as err:
+            raise UserError(f"{path}: cannot read ({err.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
