@@ -18,6 +18,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bitnet158.errors import UserError
+from bitnet158.files import write_atomically, write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -116,8 +117,8 @@ class Tokenizer:
         """Write `tokenizer.json` and `tokenizer_config.json` (which holds the chat template)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(folder / TOKENIZER_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        write_atomically(folder / TOKENIZER_FILE, self.tokenizer.save)
+        write_json(folder / CONFIG_FILE, self.config)
 
     @property
     def vocab_size(self) -> int:

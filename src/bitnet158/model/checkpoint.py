@@ -14,8 +14,6 @@ away, so loading never holds two copies of the weights.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitnet158.errors import UserError
+from bitnet158.files import write_atomically, write_json
 from bitnet158.model.config import BitNetConfig
 from bitnet158.nn.bitlinear import BitLinear, PackedBitLinear
 from bitnet158.packing import ROWS_PER_BYTE, pack_2bit
@@ -200,21 +199,6 @@ def _state_to_save(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, 
             yield name, tensor.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, data: dict) -> None:
-    _write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def save_weights(model: nn.Module, folder: Path, max_shard_bytes: int) -> None:
     """Write packed safetensors and a `config.json` whose `weight_scale` convention is autobitlinear's."""
     config: BitNetConfig = model.config
@@ -231,12 +215,12 @@ def save_weights(model: nn.Module, folder: Path, max_shard_bytes: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        _write_atomically(folder / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
+        write_atomically(folder / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_atomically(folder / shard_name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
+            write_atomically(folder / shard_name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
             weight_map.update(dict.fromkeys(shard, shard_name))
         total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
         write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from bitnet158.errors import UserError
-from bitnet158.model.checkpoint import _write_atomically, write_json
+from bitnet158.files import write_atomically, write_json
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 
@@ -131,12 +131,12 @@ def build_corpus(out_dir: Path, root: Path | None = None, vocab_size: int = 8192
     tokenizer = train_tokenizer([sources[name] for name in train_names], vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_dir / "tokenizer.json", tokenizer.save)
+    write_atomically(out_dir / "tokenizer.json", tokenizer.save)
     write_json(out_dir / "tokenizer_config.json", tokenizer_config())
     counts = {}
     for split, names in (("train", train_names), ("val", val_names)):
         tokens = encode_documents(tokenizer, [sources[name] for name in names])
-        _write_atomically(out_dir / f"{split}.bin", tokens.tofile)
+        write_atomically(out_dir / f"{split}.bin", tokens.tofile)
         counts[split] = {"files": len(names), "tokens": len(tokens), "characters": sum(len(sources[n]) for n in names)}
     manifest = {
         "source": str(root),

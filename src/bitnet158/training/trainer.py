@@ -27,8 +27,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from bitnet158.errors import UserError
+from bitnet158.files import write_atomically, write_json
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
-from bitnet158.model.checkpoint import _write_atomically, write_json
 from bitnet158.nn import BitLinear
 from bitnet158.training.corpus import BOS, EOS, EOT
 from bitnet158.training.data import load_tokens, random_batch, sequential_batches
@@ -183,8 +183,8 @@ def save_checkpoint(folder: Path, model: BitNetForCausalLM, optimizer: torch.opt
         for name, tensor in model.state_dict().items()
         if not (tied and name == "lm_head.weight")
     }
-    _write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    _write_atomically(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
+    write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    write_atomically(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
     write_json(folder / "state.json", state)  # last, so that it never names a step the other files lack
 
 
