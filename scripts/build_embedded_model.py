@@ -53,7 +53,7 @@ def train() -> None:
     processes = {}
     for precision, out in RUNS.items():
         out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "bitnet158.cli.train", *TRAIN_FLAGS,
+        command = [sys.executable, "-m", "bitnet158", "train", *TRAIN_FLAGS,
                    "--precision", precision, "--out", str(out)]
         log = open(out / "train.log", "w")  # the child writes to it until it exits
         processes[precision] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -1,11 +1,13 @@
 """The BitNet model: shapes, the 2B4T configuration, KV-cache decoding, left padding, embeddings tying."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from bitnet158 import BitLinear, BitNetConfig, BitNetForCausalLM, KVCache, PackedBitLinear, freeze_
 
-REFERENCE_CONFIG = "/work/shared/reference/bitnet-b1.58-2B-4T.config.json"
+REFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bitnet-b1.58-2B-4T.config.json"
 
 
 @pytest.mark.parametrize("batch, seq", [(1, 1), (2, 7), (3, 16)])

@@ -31,6 +31,3 @@ def train(
     print(f"{metrics['precision']}: validation perplexity {metrics['val_perplexity']:.3f} "
           f"after {metrics['tokens_trained']:,} tokens; wrote {out}")
 
-
-if __name__ == "__main__":  # `python -m bitnet158.cli.train`, where the `bitnet158` script is not installed
-    typer.run(train)
