@@ -1,5 +1,5 @@
-"""Atomic file writes: a temporary file in the same folder, renamed over the target when complete,
-so that a crash never leaves a half-written file where a good one was."""
+"""Reading JSON objects with one-line errors, and atomic file writes: a temporary file in the same
+folder, renamed over the target when complete, so that a crash never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,23 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bitnet158.errors import UserError
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; any problem is a `UserError` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
 def write_atomically(path: Path, write: Callable[[str], Any]) -> None:

@@ -7,7 +7,6 @@ with Hugging Face models work unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bitnet158.errors import UserError
-from bitnet158.files import write_atomically, write_json
+from bitnet158.files import read_json_object, write_atomically, write_json
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -35,16 +34,6 @@ def _compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     return env.from_string(source)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 class Tokenizer:
@@ -107,7 +96,7 @@ class Tokenizer:
         except Exception as err:  # the tokenizers library raises a bare Exception for any bad file
             raise UserError(f"{path}: not a valid tokenizer file ({err})") from None
         config_path = folder / CONFIG_FILE
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         template_path = folder / CHAT_TEMPLATE_FILE
         if template_path.is_file():
             config["chat_template"] = template_path.read_text(encoding="utf-8")

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bitnet158.cli.model_loading import embedded_model_path, load_model, resolve_device
+from bitnet158.cli.model_loading import embedded_model_path, load_model
 from bitnet158.cli.train import train
+from bitnet158.devices import resolve_device
 from bitnet158.errors import UserError
 from bitnet158.generation import SamplingParams, stream
 from bitnet158.model.checkpoint import checkpoint_files
@@ -28,7 +29,7 @@ app.command()(train)
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Model folder (default: the embedded model).", show_default=False)
 ]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or mps.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]

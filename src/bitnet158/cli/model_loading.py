@@ -14,27 +14,12 @@ from bitnet158.errors import UserError
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
 from bitnet158.tokenizer import Tokenizer
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 PROGRESS_DELAY_S = 1.0
 
 
 def embedded_model_path() -> Path:
     """The small ternary model that ships inside the package."""
     return Path(str(resources.files("bitnet158") / "assets" / "embedded"))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in DEVICES:
-        raise UserError(f"--device {name!r}: expected one of {', '.join(DEVICES)}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: no MPS device is available")
-    return torch.device(name)
 
 
 def _available_bytes(device: torch.device) -> int | None:

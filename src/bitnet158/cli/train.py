@@ -22,7 +22,7 @@ def train(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 1.5e-3,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
     eval_every: Annotated[int, typer.Option(help="Steps between validation runs (each writes a checkpoint).")] = 250,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the batch order.")] = 0,
 ) -> None:
     """Train a BitNet b1.58 model from scratch (or its bf16 baseline) and report validation perplexity."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet158.errors import UserError
+from bitnet158.files import read_json_object
 
 ACTIVATIONS = ("relu2", "silu")
 LINEAR_CLASSES = ("autobitlinear", "bitlinear")
@@ -116,16 +116,7 @@ class BitNetConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> BitNetConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except OSError as err:
-            raise UserError(f"{path}: cannot read ({err.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object")
+        data = read_json_object(path)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

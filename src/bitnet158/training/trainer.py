@@ -12,7 +12,6 @@ ternary model is written with `save_pretrained` (packed 2-bit weights) beside it
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -26,8 +25,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from bitnet158.devices import resolve_device
 from bitnet158.errors import UserError
-from bitnet158.files import write_atomically, write_json
+from bitnet158.files import read_json_object, write_atomically, write_json
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
 from bitnet158.nn import BitLinear
 from bitnet158.training.corpus import BOS, EOS, EOT
@@ -74,18 +74,6 @@ class TrainConfig:
         return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device (try cpu, cuda or cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def load_tokenizer(data: Path) -> Tokenizer:
     path = data / "tokenizer.json"
     if not path.is_file():
@@ -102,14 +90,7 @@ def load_tokenizer(data: Path) -> Tokenizer:
 
 def model_config(path: Path, tokenizer: Tokenizer, seq_len: int) -> BitNetConfig:
     """The architecture from `path`, with the vocabulary and special tokens of the tokenizer."""
-    try:
-        fields = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(fields, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    fields = read_json_object(path)
     vocab_size = tokenizer.get_vocab_size()
     if fields.get("vocab_size", vocab_size) != vocab_size:
         raise UserError(f"{path}: vocab_size {fields['vocab_size']} differs from the tokenizer's {vocab_size}")
