@@ -1,4 +1,4 @@
-"""The `bitnet158` command line: generate, chat, info and train."""
+"""The `bitnet158` command line: generate, chat, info, train and convert."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bitnet158.cli.convert import convert
 from bitnet158.cli.model_loading import embedded_model_path, load_model
 from bitnet158.cli.train import train
 from bitnet158.devices import resolve_device
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(train)
+app.command()(convert)
 
 ModelOption = Annotated[
     Path | None, typer.Option("--model", help="Model folder (default: the embedded model).", show_default=False)

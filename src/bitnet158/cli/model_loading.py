@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bitnet158.errors import UserError
+from bitnet158.formats.gguf_import import load_gguf_tokenizer
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
 from bitnet158.tokenizer import Tokenizer
 
@@ -39,19 +40,23 @@ def estimated_bytes(config: BitNetConfig, dtype: torch.dtype) -> int:
 
 
 def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausalLM, Tokenizer]:
-    """Load a model folder (default: the embedded model) and its tokenizer, refusing one too large."""
+    """Load a model folder (default: the embedded model) or a .gguf file and its tokenizer, refusing a
+    folder too large for the device."""
     folder = path if path is not None else embedded_model_path()
-    if not folder.is_dir():
-        raise UserError(f"--model {folder}: no such folder")
-    config = BitNetConfig.from_json(folder / "config.json")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    needed, available = estimated_bytes(config, dtype), _available_bytes(device)
-    if available is not None and needed > available:
-        raise UserError(
-            f"--model {folder}: needs about {needed / 2**30:.1f} GiB on {device.type}, "
-            f"only {available / 2**30:.1f} GiB is free"
-        )
-    tokenizer = Tokenizer.from_pretrained(folder)
+    if folder.suffix == ".gguf" and folder.is_file():  # a GGUF file holds the model and its tokenizer
+        tokenizer = load_gguf_tokenizer(folder)
+    else:
+        if not folder.is_dir():
+            raise UserError(f"--model {folder}: no such folder or .gguf file")
+        config = BitNetConfig.from_json(folder / "config.json")
+        needed, available = estimated_bytes(config, dtype), _available_bytes(device)
+        if available is not None and needed > available:
+            raise UserError(
+                f"--model {folder}: needs about {needed / 2**30:.1f} GiB on {device.type}, "
+                f"only {available / 2**30:.1f} GiB is free"
+            )
+        tokenizer = Tokenizer.from_pretrained(folder)
 
     started = time.monotonic()
     progress = Progress(

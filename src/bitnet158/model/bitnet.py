@@ -185,12 +185,17 @@ class BitNetForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> BitNetForCausalLM:
-        """Load a Hugging Face BitNet folder (packed or master weights) as a packed inference model.
+        """Load a Hugging Face BitNet folder (packed or master weights), or a `.gguf` file, as a packed
+        inference model.
 
         `dtype` is that of the embeddings, norms and activations: by default float32 on CPU and the
         config's `torch_dtype` elsewhere. `progress(done, total)` is called after each tensor.
         """
         folder = Path(path)
+        if folder.suffix == ".gguf" and folder.is_file():
+            from bitnet158.formats.gguf_import import load_gguf  # imports this module
+
+            return load_gguf(folder, device, dtype, progress)
         if not folder.is_dir():
             raise UserError(f"{folder}: no such model folder")
         config = BitNetConfig.from_json(folder / "config.json")

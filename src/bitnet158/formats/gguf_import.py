@@ -1,0 +1,183 @@
+"""Loading a GGUF file (llama.cpp's `bitnet` architecture) as our packed model, tensor by tensor.
+
+The file is memory-mapped; each tensor is decoded, packed and placed on the device before the next is
+read. Ternary linears (TQ2_0, TQ1_0, I2_S) must have one scale per tensor: the blocks' `d` (or I2_S's
+tail scale) times the optional `<name>.scale`. Float linears (F32/F16/BF16, as llama.cpp's own
+converter writes BitNet models) are quantized here. Embeddings and norms may be F32, F16, BF16,
+Q8_0 or Q6_K. Every problem with the file is a `UserError` naming the file and the tensor or field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import quants as gguf_quants
+from torch import nn
+
+from bitnet158.errors import UserError
+from bitnet158.formats import ternary_blocks
+from bitnet158.formats.gguf_file import metadata, open_gguf
+from bitnet158.formats.gguf_tokenizer import read_tokenizer
+from bitnet158.formats.names import PER_LAYER, gguf_name, scale_name
+from bitnet158.model.bitnet import BitNetForCausalLM
+from bitnet158.model.checkpoint import resolve_dtype
+from bitnet158.model.config import BitNetConfig
+from bitnet158.nn.bitlinear import PackedBitLinear
+from bitnet158.nn.convert import freeze_
+from bitnet158.packing import pack_2bit
+from bitnet158.quant.weights import quantize_ternary
+from bitnet158.tokenizer import Tokenizer
+
+ARCH = "bitnet"
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+DENSE_TYPES = (*FLOAT_TYPES, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q6_K)
+# The dtype that holds the embedding's stored values exactly; dequantized Q8_0/Q6_K values need float32.
+STORED_DTYPES = {GGMLQuantizationType.F16: "float16", GGMLQuantizationType.BF16: "bfloat16"}
+TERNARY_IDS = tuple(int(t) for t in ternary_blocks.TERNARY_TYPES.values())
+
+
+def _number(fields: dict[str, Any], key: str, path: Path, kind: type, default: Any = None) -> Any:
+    value = fields.get(key, default)
+    if value is None:
+        raise UserError(f"{path}: missing field '{key}'")
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise UserError(f"{path}: field '{key}' must be a number of type {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _config(fields: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) -> BitNetConfig:
+    if fields.get("general.architecture") != ARCH:
+        raise UserError(f"{path}: architecture {fields.get('general.architecture')!r} is not '{ARCH}'")
+    embed = tensors.get("token_embd.weight")
+    if embed is None or len(embed.shape) != 2:
+        raise UserError(f"{path}: no two-dimensional tensor 'token_embd.weight'")
+    hidden, vocab = (int(d) for d in embed.shape)
+    layers = _number(fields, f"{ARCH}.block_count", path, int)
+    if layers * len(PER_LAYER) > len(tensors):
+        raise UserError(f"{path}: field '{ARCH}.block_count' is {layers}, but the file holds {len(tensors)} tensors")
+    if _number(fields, f"{ARCH}.embedding_length", path, int) != hidden:
+        raise UserError(f"{path}: field '{ARCH}.embedding_length' does not match tensor 'token_embd.weight' {hidden}")
+    heads = _number(fields, f"{ARCH}.attention.head_count", path, int)
+    eos = [fields[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in fields]
+    values = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _number(fields, f"{ARCH}.feed_forward_length", path, int),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": _number(fields, f"{ARCH}.attention.head_count_kv", path, int, heads),
+        "head_dim": _number(fields, f"{ARCH}.attention.key_length", path, int, hidden // max(heads, 1)),
+        "max_position_embeddings": _number(fields, f"{ARCH}.context_length", path, int),
+        "rms_norm_eps": _number(fields, f"{ARCH}.attention.layer_norm_rms_epsilon", path, float),
+        "rope_theta": _number(fields, f"{ARCH}.rope.freq_base", path, float, 10000.0),
+        # What llama.cpp computes when the file does not say: SiLU.
+        "hidden_act": fields.get(f"{ARCH}.hidden_activation", "silu"),
+        "tie_word_embeddings": True,
+        "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos or None,
+        "torch_dtype": STORED_DTYPES.get(embed.tensor_type, "float32"),
+    }
+    return BitNetConfig.from_dict(values, source=str(path))
+
+
+def _check_shape(tensor: ReaderTensor, shape: tuple[int, ...], path: Path) -> None:
+    found = tuple(int(d) for d in reversed(tensor.shape))
+    if found != shape:
+        raise UserError(f"{path}: tensor '{tensor.name}' has shape {list(found)}, expected {list(shape)}")
+
+
+def _dense(tensor: ReaderTensor, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    """Float values of an F32/F16/BF16/Q8_0/Q6_K tensor, checked to be finite."""
+    if tensor.tensor_type not in DENSE_TYPES:
+        raise UserError(f"{path}: tensor '{tensor.name}' has type {_type_name(tensor)}, expected one of "
+                        f"{', '.join(t.name for t in DENSE_TYPES)}")
+    _check_shape(tensor, shape, path)
+    values = torch.from_numpy(np.array(gguf_quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+    if not torch.isfinite(values).all():
+        raise UserError(f"{path}: tensor '{tensor.name}' holds NaN or infinite values")
+    return values.reshape(shape)
+
+
+def _type_name(tensor: ReaderTensor) -> str:
+    return "I2_S" if tensor.tensor_type == ternary_blocks.I2_S else GGMLQuantizationType(tensor.tensor_type).name
+
+
+def _linear(
+    tensors: dict[str, ReaderTensor], name: str, layer: PackedBitLinear, path: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(packed weight, scale s)` of one linear layer."""
+    tensor = tensors[name]
+    shape = (layer.out_features, layer.in_features)
+    if tensor.tensor_type in FLOAT_TYPES:
+        quantized = quantize_ternary(_dense(tensor, shape, path))
+        return pack_2bit(quantized.codes), quantized.scale
+    if tensor.tensor_type not in TERNARY_IDS:
+        raise UserError(f"{path}: tensor '{name}' has type {_type_name(tensor)}, expected TQ2_0, TQ1_0, I2_S or float")
+    _check_shape(tensor, shape, path)
+    try:
+        codes, scale = ternary_blocks.decode(tensor.data, int(tensor.tensor_type), *shape)
+    except ternary_blocks.BlockError as err:
+        raise UserError(f"{path}: tensor '{name}' {err}") from None
+    extra = tensors.get(scale_name(name))
+    if extra is not None:
+        if extra.tensor_type != GGMLQuantizationType.F32 or extra.n_elements != 1:
+            raise UserError(f"{path}: tensor '{extra.name}' must be one F32 value")
+        scale *= float(extra.data.reshape(-1)[0])
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"{path}: tensor '{name}' has scale {scale}, expected a positive finite number")
+    return pack_2bit(torch.from_numpy(codes)), torch.tensor([scale], dtype=torch.float32)
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if isinstance(getattr(module, attr), nn.Parameter):
+        value = nn.Parameter(value, requires_grad=False)
+    setattr(module, attr, value)
+
+
+def load_gguf(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> BitNetForCausalLM:
+    """A packed inference model from a `bitnet` GGUF file (see `BitNetForCausalLM.from_pretrained`)."""
+    path, device = Path(path), torch.device(device)
+    reader = open_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(metadata(reader, path), tensors, path)
+    with torch.device("meta"):
+        model = freeze_(BitNetForCausalLM(config))
+    dtype = resolve_dtype(config, device, dtype)
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
+    names = [n for n in model.state_dict() if n != "lm_head.weight" and not n.endswith(".weight_scale")]
+    placeholders = model.state_dict()
+    for done, name in enumerate(names, start=1):
+        target = gguf_name(name)
+        if target not in tensors:
+            raise UserError(f"{path}: no tensor '{target}'")
+        module_name = name.rpartition(".")[0]
+        if module_name in packed:
+            weight, scale = _linear(tensors, target, packed[module_name], path)
+            _set(model, name, weight.to(device))
+            _set(model, f"{module_name}.weight_scale", scale.to(device))
+        else:
+            values = _dense(tensors[target], tuple(placeholders[name].shape), path)
+            _set(model, name, values.to(device=device, dtype=dtype))
+        if progress:
+            progress(done, len(names))
+    model.tie_weights()
+    return model.eval()
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer stored in a GGUF file's metadata."""
+    path = Path(path)
+    return read_tokenizer(metadata(open_gguf(path), path), path)
