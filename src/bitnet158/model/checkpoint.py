@@ -7,13 +7,19 @@ transformers makes it mean for the config's `linear_class`:
 - `bitlinear`: the output is divided by it, so it is `1 / s`.
 In memory, `PackedBitLinear.weight_scale` is always `s`.
 
-Tensors are read one at a time from memory-mapped files and moved to the target device straight
-away, so loading never holds two copies of the weights.
+Loading checks each tensor's dtype and shape from the file's header before touching its data, then its
+values (no NaN or infinity, no 2-bit code 3). Tensors are read one at a time from memory-mapped files.
+On the CPU a tensor that needs no conversion is not copied: it stays a view of the file's copy-on-write
+mapping, so a packed checkpoint loaded in its own dtype takes its file size in memory, in pages the kernel
+can drop and read back, and processes loading one file share them. (As with any memory-mapped model, a
+file truncated in place while loaded crashes the process; one replaced by a new file, as `save_pretrained`
+does, is harmless.) On another device each tensor is copied there straight away.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,12 +40,29 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# safetensors' names of the dtypes we may meet, to say them as PyTorch does; F16..F64 are the float types we read.
+_FILE_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_FLOATS = "a float type (F16, BF16, F32 or F64)"
+_MAX_HEADER_BYTES = 100_000_000  # safetensors refuses longer headers
+_CHECK_CHUNK_BYTES = 1 << 18
+# Endings of safetensors' errors that name no tensor, though the header tells which one is at fault.
+_NAMELESS_ERRORS = (
+    "file not fully covered", "invalid shape, data type, or offset for tensor", "from shape and/or element type"
+)
 
 
 def resolve_dtype(config: BitNetConfig, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    return torch.float32 if device.type == "cpu" else _DTYPES.get(config.torch_dtype, torch.bfloat16)
+    """The dtype of embeddings and norms: the config's `torch_dtype` unless one is asked for, whatever the device.
+
+    On the CPU too: there, a tensor loaded in the dtype it is stored in stays a view of the memory-mapped
+    file instead of a copy, and a float32 copy of Microsoft's bf16 embedding alone would take 1.3 GB.
+    """
+    return dtype if dtype is not None else _DTYPES.get(config.torch_dtype, torch.bfloat16)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -62,62 +85,160 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise UserError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-class _TensorIndex:
-    """Names of all tensors of a checkpoint's files, read lazily one tensor at a time."""
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
-    def __init__(self, files: list[Path], stack: ExitStack) -> None:
+
+def _misfit_tensor(file: Path) -> str:
+    """Name the tensor behind safetensors' nameless complaints (a truncated file, offsets that do not match
+    dtype and shape): the first, in file order, whose bytes run past the data or disagree with its shape."""
+    try:
+        with file.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if header_length > _MAX_HEADER_BYTES:
+                return ""
+            header = json.loads(f.read(header_length))
+        data_bytes = file.stat().st_size - 8 - header_length
+        entries = sorted(
+            (info["data_offsets"], name, info["dtype"], info["shape"])
+            for name, info in header.items() if name != "__metadata__"
+        )
+    except Exception:  # a header that safetensors could not read either: nothing more to say
+        return ""
+    for (begin, end), name, dtype, shape in entries:
+        if dtype in _FILE_DTYPES and end - begin != math.prod(shape) * _FILE_DTYPES[dtype].itemsize:
+            return f": tensor '{name}' is {dtype} {shape} but its data_offsets [{begin}, {end}] do not hold that"
+        if end > data_bytes:
+            return f": tensor '{name}' ends at byte {end} of the data, which has {data_bytes} (the file is truncated)"
+    return ""
+
+
+class _Checkpoint:
+    """The tensors of a checkpoint's safetensors files: dtypes and shapes from the headers, data on demand."""
+
+    def __init__(self, folder: Path, stack: ExitStack) -> None:
+        self.folder = folder
         self.file_of: dict[str, Path] = {}
         self._readers = {}
-        for file in files:
+        for file in checkpoint_files(folder):
             try:
                 reader = stack.enter_context(safe_open(file, framework="pt"))
                 names = list(reader.keys())
             except Exception as err:  # safetensors reports corrupt files with several exception types
-                raise UserError(f"{file}: not a valid safetensors file ({err})") from None
+                detail = _misfit_tensor(file) if str(err).endswith(_NAMELESS_ERRORS) else ""
+                raise UserError(_one_line(f"{file}: not a valid safetensors file ({err}){detail}")) from None
             self._readers[file] = reader
             self.file_of.update(dict.fromkeys(names, file))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def where(self, name: str) -> str:
+        return f"{self.file_of[name]}: tensor '{name}'"
+
+    def header(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """The dtype (safetensors' name, e.g. "BF16") and shape of a tensor, read without its data."""
+        if name not in self.file_of:
+            raise UserError(f"{self.folder}: checkpoint has no tensor '{name}'")
+        tensor = self._readers[self.file_of[name]].get_slice(name)
+        return tensor.get_dtype(), tuple(tensor.get_shape())
+
     def get(self, name: str) -> torch.Tensor:
-        file = self.file_of[name]
+        """The tensor as a view of the memory-mapped file: no copy is made."""
         try:
-            return self._readers[file].get_tensor(name)
+            return self._readers[self.file_of[name]].get_tensor(name)
         except Exception as err:
-            raise UserError(f"{file}: cannot read tensor '{name}' ({err})") from None
+            raise UserError(f"{self.where(name)} cannot be read ({_one_line(err)})") from None
 
 
-def _packed_weight(
-    file: Path, name: str, weight: torch.Tensor, scale_on_disk: torch.Tensor | None, layer: PackedBitLinear,
-    linear_class: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn a stored linear weight (packed or float) and its optional `weight_scale` into `(packed, s)`."""
-    out_features, in_features = layer.out_features, layer.in_features
-    if weight.dtype == torch.uint8:
-        expected = (-(-out_features // ROWS_PER_BYTE), in_features)
-        if tuple(weight.shape) != expected:
-            raise UserError(f"{file}: tensor '{name}' has shape {tuple(weight.shape)}, expected packed {expected}")
-        if scale_on_disk is None:
-            raise UserError(f"{file}: packed tensor '{name}' has no '{name}_scale'")
-        packed = weight
-    elif weight.is_floating_point():
-        if tuple(weight.shape) != (out_features, in_features):
+def _dtype_name(file_dtype: str) -> str:
+    return str(_FILE_DTYPES.get(file_dtype, file_dtype))
+
+
+def _check_float_header(checkpoint: _Checkpoint, name: str, expected: tuple[int, ...]) -> None:
+    dtype, shape = checkpoint.header(name)
+    if dtype not in _FLOAT_DTYPES:
+        raise UserError(f"{checkpoint.where(name)} has dtype {_dtype_name(dtype)}, expected {_FLOATS}")
+    if shape != expected:
+        raise UserError(f"{checkpoint.where(name)} has shape {shape}, expected {expected}")
+
+
+def _check_linear_header(checkpoint: _Checkpoint, name: str, layer: PackedBitLinear) -> bool:
+    """Check a linear layer's weight and optional `weight_scale` from the header; True if the weight is packed."""
+    weight, scale = f"{name}.weight", f"{name}.weight_scale"
+    dtype, shape = checkpoint.header(weight)
+    full = (layer.out_features, layer.in_features)
+    packed = (-(-layer.out_features // ROWS_PER_BYTE), layer.in_features)
+    if dtype == "U8":
+        if shape != packed:
+            raise UserError(f"{checkpoint.where(weight)} has shape {shape}, expected packed {packed}")
+        if scale not in checkpoint:
+            raise UserError(f"{checkpoint.file_of[weight]}: packed tensor '{weight}' has no '{scale}'")
+    elif dtype in _FLOAT_DTYPES:
+        if shape == packed != full:
             raise UserError(
-                f"{file}: tensor '{name}' has shape {tuple(weight.shape)}, expected {(out_features, in_features)}"
+                f"{checkpoint.where(weight)} has the packed shape {packed} but dtype {_dtype_name(dtype)}; "
+                "packed weights are torch.uint8"
             )
-        if not torch.isfinite(weight).all():
-            raise UserError(f"{file}: tensor '{name}' holds NaN or infinite values")
+        if shape != full:
+            raise UserError(f"{checkpoint.where(weight)} has shape {shape}, expected {full}")
+    else:
+        raise UserError(
+            f"{checkpoint.where(weight)} has unsupported dtype {_dtype_name(dtype)}, "
+            f"expected torch.uint8 (packed) or {_FLOATS}"
+        )
+    if scale in checkpoint:
+        scale_dtype, scale_shape = checkpoint.header(scale)
+        if scale_dtype not in _FLOAT_DTYPES:
+            raise UserError(f"{checkpoint.where(scale)} has dtype {_dtype_name(scale_dtype)}, expected {_FLOATS}")
+        if math.prod(scale_shape) != 1:
+            raise UserError(f"{checkpoint.where(scale)} must be one positive finite number, got shape {scale_shape}")
+    return dtype == "U8"
+
+
+def _holds_code_3(packed: torch.Tensor) -> bool:
+    """Whether a 2-bit field of the packed bytes holds 3, which stands for no ternary value (it would unpack
+    to +2): a field is 3 when both its bits are set. One vectorised pass, in chunks: a temporary as large
+    as the tensor would be a fresh allocation per layer, which malloc keeps as resident memory."""
+    for chunk in packed.reshape(-1).split(_CHECK_CHUNK_BYTES):
+        both_bits = chunk >> 1
+        both_bits &= chunk
+        both_bits &= 0b01010101
+        if both_bits.any():
+            return True
+    return False
+
+
+def _check_finite(checkpoint: _Checkpoint, name: str, tensor: torch.Tensor) -> None:
+    low, high = torch.aminmax(tensor)  # NaN propagates to both; a reduction, so no temporary of the tensor's size
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise UserError(f"{checkpoint.where(name)} holds NaN or infinite values")
+
+
+def _read_linear(
+    checkpoint: _Checkpoint, name: str, is_packed: bool, linear_class: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's stored weight (packed or float) and optional `weight_scale` as `(packed, s)`."""
+    weight_name, scale_name = f"{name}.weight", f"{name}.weight_scale"
+    weight = checkpoint.get(weight_name)
+    scale_on_disk = checkpoint.get(scale_name) if scale_name in checkpoint else None
+    if is_packed:
+        if _holds_code_3(weight):
+            raise UserError(f"{checkpoint.where(weight_name)} holds the 2-bit code 3, which is not a ternary value")
+        packed = weight
+    else:
+        _check_finite(checkpoint, weight_name, weight)
         if scale_on_disk is None:  # master weights: quantize them here
             quantized = quantize_ternary(weight)
             return pack_2bit(quantized.codes), quantized.scale
         # Unpacked ternary weights with a scale, as transformers saves an offline autobitlinear model.
         if not torch.isin(weight, torch.tensor([-1.0, 0.0, 1.0], dtype=weight.dtype)).all():
-            raise UserError(f"{file}: tensor '{name}' has a weight_scale but values outside {{-1, 0, 1}}")
+            raise UserError(f"{checkpoint.where(weight_name)} has a weight_scale but values outside {{-1, 0, 1}}")
         packed = pack_2bit(weight.to(torch.int8))
-    else:
-        raise UserError(f"{file}: tensor '{name}' has unsupported dtype {weight.dtype}")
 
     scale = scale_on_disk.float().reshape(-1)
-    if scale.numel() != 1 or not torch.isfinite(scale).all() or scale.item() <= 0:
-        raise UserError(f"{file}: tensor '{name}_scale' must be one positive finite number, got {scale.tolist()[:4]}")
+    if not torch.isfinite(scale).all() or scale.item() <= 0:
+        raise UserError(f"{checkpoint.where(scale_name)} must be one positive finite number, got {scale.tolist()}")
     return packed, (1.0 / scale if linear_class == "bitlinear" else scale)
 
 
@@ -136,42 +257,31 @@ def load_weights(
     dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Fill a model built on the meta device (with `PackedBitLinear` layers) from a checkpoint folder."""
+    """Fill a model built on the meta device (with `PackedBitLinear` layers) from a checkpoint folder.
+
+    Each tensor's dtype and shape are checked from the header before its data is touched, so a wrong
+    one costs no time and no memory. On the CPU, packed weights (and other tensors already in `dtype`)
+    stay views of the memory-mapped files, so the loaded model's memory is the files' pages.
+    """
     config: BitNetConfig = model.config
     packed_layers = {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    others = [name for name in model.state_dict() if name.rpartition(".")[0] not in packed_layers and name not in tied]
+    placeholders = model.state_dict()
+    others = [name for name in placeholders if name.rpartition(".")[0] not in packed_layers and name not in tied]
     total = len(packed_layers) + len(others)
     with ExitStack() as stack:
-        index = _TensorIndex(checkpoint_files(folder), stack)
-
-        def require(name: str) -> torch.Tensor:
-            if name not in index.file_of:
-                raise UserError(f"{folder}: checkpoint has no tensor '{name}'")
-            return index.get(name)
-
-        for done, (layer_name, layer) in enumerate(packed_layers.items(), start=1):
-            weight_name, scale_name = f"{layer_name}.weight", f"{layer_name}.weight_scale"
-            weight = require(weight_name)
-            scale = index.get(scale_name) if scale_name in index.file_of else None
-            packed, s = _packed_weight(index.file_of[weight_name], weight_name, weight, scale, layer,
-                                       config.linear_class)
-            _set_tensor(model, weight_name, packed.to(device))
-            _set_tensor(model, scale_name, s.to(device=device, dtype=torch.float32))
+        checkpoint = _Checkpoint(folder, stack)
+        for done, (name, layer) in enumerate(packed_layers.items(), start=1):
+            is_packed = _check_linear_header(checkpoint, name, layer)
+            packed, s = _read_linear(checkpoint, name, is_packed, config.linear_class)
+            _set_tensor(model, f"{name}.weight", packed.to(device))
+            _set_tensor(model, f"{name}.weight_scale", s.to(device=device, dtype=torch.float32))
             if progress:
                 progress(done, total)
-
-        placeholders = model.state_dict()
         for done, name in enumerate(others, start=len(packed_layers) + 1):
-            placeholder = placeholders[name]
-            tensor = require(name)
-            file = index.file_of[name]
-            if tuple(tensor.shape) != tuple(placeholder.shape):
-                raise UserError(
-                    f"{file}: tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(placeholder.shape)}"
-                )
-            if not tensor.is_floating_point():
-                raise UserError(f"{file}: tensor '{name}' has dtype {tensor.dtype}, expected a float type")
+            _check_float_header(checkpoint, name, tuple(placeholders[name].shape))
+            tensor = checkpoint.get(name)
+            _check_finite(checkpoint, name, tensor)
             _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
             if progress:
                 progress(done, total)
