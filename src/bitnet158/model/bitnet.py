@@ -188,8 +188,9 @@ class BitNetForCausalLM(nn.Module):
         """Load a Hugging Face BitNet folder (packed or master weights), or a `.gguf` file, as a packed
         inference model.
 
-        `dtype` is that of the embeddings, norms and activations: by default float32 on CPU and the
-        config's `torch_dtype` elsewhere. `progress(done, total)` is called after each tensor.
+        `dtype` is that of the embeddings, norms and activations: by default the config's `torch_dtype`,
+        on the CPU too, where tensors stored in it stay views of the memory-mapped file (no copy).
+        `progress(done, total)` is called after each tensor.
         """
         folder = Path(path)
         if folder.suffix == ".gguf" and folder.is_file():
