@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bitnet158.cli.convert import convert
 from bitnet158.cli.model_loading import embedded_model_path, load_model
+from bitnet158.cli.serve import serve
 from bitnet158.cli.train import train
 from bitnet158.devices import resolve_device
 from bitnet158.errors import UserError
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(train)
+app.command()(serve)
 app.command()(convert)
 
 ModelOption = Annotated[

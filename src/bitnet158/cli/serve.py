@@ -1,0 +1,38 @@
+"""`bitnet158 serve`: an OpenAI-compatible HTTP server with continuous batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bitnet158.errors import UserError
+
+
+def serve(
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: the embedded model).",
+                                               show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to the network.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health.", envvar="BITNET158_API_KEY",
+        show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together (one KV-cache slot each).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more are answered 429.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /metrics, a chat page at /."""
+    import uvicorn  # the serve extra; imported here so the other commands work without it
+
+    from bitnet158.cli.model_loading import embedded_model_path, load_model
+    from bitnet158.devices import resolve_device
+    from bitnet158.serve import create_app
+
+    if max_batch < 1 or max_queue < 0:
+        raise UserError("--max-batch must be at least 1 and --max-queue at least 0")
+    lm, tokenizer = load_model(model, resolve_device(device))
+    name = (model or embedded_model_path()).name
+    app = create_app(lm, tokenizer, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,103 @@
+"""The engine thread: between decode steps it drops cancelled requests and prefills newly admitted
+ones; then it decodes one token for every running request and retires those that have finished."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from bitnet158.serve.metrics import Metrics
+from bitnet158.serve.request import Delta, Failed, Finished, Request
+from bitnet158.serve.runner import ModelRunner, sample
+from bitnet158.serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, eos_ids: set[int], metrics: Metrics
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos_ids = eos_ids
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bitnet158-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scheduler.wake()
+        self._thread.join()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises `QueueFull` when the queue is at its limit."""
+        self.scheduler.submit(request)
+        self._report_load()
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: free the request's slot at the next step boundary."""
+        request.cancelled = True
+        self.scheduler.wake()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.scheduler.wait_for_work(timeout=0.5)
+            try:
+                self.step()
+            except Exception:  # a bug must not leave clients waiting forever: fail everything running
+                log.exception("engine step failed")
+                for request in self.scheduler.decoding(exclude=[]):
+                    request.send(Failed("internal error in the engine"))
+                    self._retire(request)
+
+    def step(self) -> None:
+        for request in self.scheduler.drop_cancelled():
+            if request.slot is not None:
+                self.runner.release(request.slot)
+        admitted = self.scheduler.admit()
+        if admitted:
+            self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in admitted))
+            self._advance(admitted, self.runner.prefill(admitted))
+        decoding = self.scheduler.decoding(exclude=admitted)
+        if decoding:
+            self._advance(decoding, self.runner.decode(decoding))
+        self._report_load()
+
+    def _advance(self, requests: list[Request], logits) -> None:
+        """Sample each row's token, send its text, and retire the request if it is done."""
+        for request, (token, logprob) in zip(requests, sample(logits, requests), strict=True):
+            request.generated += 1
+            request.last_token = token
+            if request.generated == 1:
+                self.metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
+            self.metrics.generated_tokens.inc()
+            if token in self.eos_ids:
+                request.send(Delta(request.detokenizer.finish(), logprob))
+                self._finish(request, "stop")
+                continue
+            request.send(Delta(request.detokenizer.push(token), logprob))
+            if request.detokenizer.finished:  # a stop string
+                self._finish(request, "stop")
+            elif request.generated >= request.params.max_new_tokens:  # the API keeps prompt + max_tokens in context
+                request.send(Delta(request.detokenizer.finish(), None))
+                self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.send(Finished(reason, len(request.prompt_ids), request.generated))
+        self.metrics.latency.observe(time.monotonic() - request.arrived)
+        self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        self.scheduler.retire(request)
+        self.runner.release(request.slot)
+
+    def _report_load(self) -> None:
+        running, waiting = self.scheduler.counts()
+        self.metrics.running.set(running)
+        self.metrics.waiting.set(waiting)
+        self.metrics.kv_cache_usage.set(self.runner.cache_usage())
