@@ -121,6 +121,12 @@ def test_logprobs(client):
     assert len(content) == 4 and all(len(entry.top_logprobs) == 2 for entry in content)
 
 
+def test_a_tiny_temperature_is_greedy(client):
+    kwargs = dict(model=MODEL, prompt="import", max_tokens=4)
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    assert client.completions.create(**kwargs, temperature=1e-300).choices[0].text == greedy
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=MODEL, prompt="import", max_tokens=12, temperature=1.0, top_p=0.9)
     texts = [client.completions.create(**kwargs, seed=seed).choices[0].text for seed in (7, 7, 8)]
@@ -180,6 +186,9 @@ MALFORMED = [
     {"model": MODEL, "prompt": ""},
     {"model": MODEL, "prompt": "x", "max_tokens": -1},
     {"model": MODEL, "prompt": "x", "max_tokens": "ten"},
+    {"model": MODEL, "prompt": "x", "max_tokens": "3"},
+    {"model": MODEL, "prompt": "x", "max_tokens": True},
+    {"model": MODEL, "prompt": "x", "stream": "yes"},
     {"model": MODEL, "prompt": "x", "max_tokens": 10**12},
     {"model": MODEL, "prompt": "x", "temperature": -0.5},
     {"model": MODEL, "prompt": "x", "temperature": 1e309},

@@ -39,6 +39,7 @@ from bitnet158.tokenizer import Tokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL_S = 0.5
+MIN_TEMPERATURE = 1e-5
 
 
 class Generator:
@@ -91,7 +92,9 @@ class Generator:
         max_tokens = body.max_tokens or min(default, room)
         if room < 1 or max_tokens > room:
             raise self._too_long(str(len(prompt_ids)), max_tokens)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+        # Below this, logits / temperature overflows to inf; the distribution is a point mass anyway.
+        temperature = 0.0 if body.temperature < MIN_TEMPERATURE else body.temperature
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stop_list())
         request = Request(prompt_ids, params, StreamingDetokenizer(self.tokenizer, prompt_ids, params.stop),
                           asyncio.get_running_loop(), top_logprobs)

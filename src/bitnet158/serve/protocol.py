@@ -1,14 +1,14 @@
 """The OpenAI API's request and response bodies (the parts this server implements), as pydantic models.
 
 Unknown fields are ignored, as OpenAI's server does; fields we do not support with a value other than
-the default (n > 1) are rejected by validation.
+the default (n > 1) are rejected by validation, and so are values of the wrong JSON type.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_LENGTH = 256
@@ -17,11 +17,16 @@ MAX_SEED = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
-class StreamOptions(BaseModel):
+class Request(BaseModel):
+    # No coercion (true is not 1, "3" is not 3): a request either has the documented types or is refused.
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(Request):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Request):
     model: str
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: completions 16, "
                                    "chat the rest of the context). Prompt plus max_tokens must fit the context.")
@@ -45,7 +50,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=5, description="Also return this many most likely tokens per step.")
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Request):
     role: Literal["system", "user", "assistant"]
     content: str
 
