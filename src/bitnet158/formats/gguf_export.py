@@ -1,7 +1,8 @@
 """Writing a BitNet model as a GGUF file that llama.cpp's `bitnet` architecture runs as it is.
 
 Linear weights are ternary (TQ2_0 or TQ1_0 with d = 1 and the per-tensor scale in a `<name>.scale`
-F32 tensor of shape [1]; or bitnet.cpp's I2_S, whose tail holds the scale), the token embedding is
+F32 tensor of shape [1]; or bitnet.cpp's I2_S, whose tail holds the scale; a TQ linear whose rows are
+not whole 256-value blocks is written as F16 codes, with its `.scale`), the token embedding is
 F16, Q8_0 or Q6_K, and norms are F32. Tensors are encoded and written one at a time.
 
 llama.cpp's `bitnet` graph always uses `token_embd` as the output projection, so models with untied
@@ -64,16 +65,23 @@ def _plan(model: BitNetForCausalLM, ternary_type: str, embed_type: str) -> Itera
         if module_name in linears:
             layer = linears[module_name]
             rows, cols = layer.out_features, layer.in_features
-            multiple = ternary_blocks.row_multiple(qtype)
-            if (cols if qtype != ternary_blocks.I2_S else rows * cols) % multiple:
-                raise UserError(f"tensor '{name}' ({rows}x{cols}) cannot be stored as {ternary_type}: "
-                                f"its rows must hold a multiple of {multiple} values")
-            def encode(layer=layer) -> np.ndarray:
-                codes, scale = _ternary(layer)
-                return ternary_blocks.encode(codes, qtype, scale)
+            stored = qtype
+            if qtype == ternary_blocks.I2_S and rows * cols % ternary_blocks.I2_S_BLOCK:
+                raise UserError(f"tensor '{name}' ({rows}x{cols}) cannot be stored as i2_s: it needs a multiple "
+                                f"of {ternary_blocks.I2_S_BLOCK} values")
+            if qtype != ternary_blocks.I2_S and cols % ternary_blocks.row_multiple(qtype):
+                # Rows must be whole 256-value blocks; like llama-quantize, fall back to F16, which holds the
+                # codes exactly (llama.cpp then multiplies with f16 activations instead of 8-bit ones).
+                stored = GGMLQuantizationType.F16
 
-            yield target, qtype, (rows, cols), encode
-            if qtype != ternary_blocks.I2_S:  # I2_S keeps the scale in its tail; bitnet.cpp applies it from there
+            def encode(layer=layer, stored=stored) -> np.ndarray:
+                codes, scale = _ternary(layer)
+                if stored == GGMLQuantizationType.F16:
+                    return codes.astype(np.float16)
+                return ternary_blocks.encode(codes, stored, scale)
+
+            yield target, stored, (rows, cols), encode
+            if stored != ternary_blocks.I2_S:  # I2_S keeps the scale in its tail; bitnet.cpp applies it from there
                 yield scale_name(target), GGMLQuantizationType.F32, (1,), lambda layer=layer: _scale(layer)
         elif name == "model.embed_tokens.weight":
             etype = EMBED_TYPES[embed_type]

@@ -19,6 +19,15 @@ from bitnet158.formats.ternary_blocks import I2_S, nbytes
 
 
 class _Reader(GGUFReader):
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+        # gguf walks an array item by item, and items past the end of the file read as empty without
+        # advancing: an absurd count would loop (and grow lists) for ever. Each item takes a byte at least.
+        if raw_type == GGUFValueType.ARRAY:
+            count = self._get(orig_offs + 4, np.uint64)[0]
+            if count > len(self.data) - orig_offs:
+                raise ValueError(f"an array of {count} items at byte {orig_offs} runs past the end of the file")
+        return super()._get_field_parts(orig_offs, raw_type)
+
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         i2_s = [f for f in fields if int(f.parts[4][0]) == I2_S]
         super()._build_tensors(start_offs, [f for f in fields if int(f.parts[4][0]) != I2_S])

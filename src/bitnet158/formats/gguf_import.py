@@ -2,8 +2,9 @@
 
 The file is memory-mapped; each tensor is decoded, packed and placed on the device before the next is
 read. Ternary linears (TQ2_0, TQ1_0, I2_S) must have one scale per tensor: the blocks' `d` (or I2_S's
-tail scale) times the optional `<name>.scale`. Float linears (F32/F16/BF16, as llama.cpp's own
-converter writes BitNet models) are quantized here. Embeddings and norms may be F32, F16, BF16,
+tail scale) times the optional `<name>.scale`. Float linears (F32/F16/BF16) holding only -1, 0 and 1
+are codes times the optional `.scale`; other float linears (as llama.cpp's own converter writes
+BitNet models) are quantized here. Embeddings and norms may be F32, F16, BF16,
 Q8_0 or Q6_K. Every problem with the file is a `UserError` naming the file and the tensor or field.
 """
 
@@ -114,21 +115,30 @@ def _linear(
     """`(packed weight, scale s)` of one linear layer."""
     tensor = tensors[name]
     shape = (layer.out_features, layer.in_features)
-    if tensor.tensor_type in FLOAT_TYPES:
-        quantized = quantize_ternary(_dense(tensor, shape, path))
-        return pack_2bit(quantized.codes), quantized.scale
-    if tensor.tensor_type not in TERNARY_IDS:
+    if tensor.tensor_type not in (*FLOAT_TYPES, *TERNARY_IDS):
         raise UserError(f"{path}: tensor '{name}' has type {_type_name(tensor)}, expected TQ2_0, TQ1_0, I2_S or float")
-    _check_shape(tensor, shape, path)
-    try:
-        codes, scale = ternary_blocks.decode(tensor.data, int(tensor.tensor_type), *shape)
-    except ternary_blocks.BlockError as err:
-        raise UserError(f"{path}: tensor '{name}' {err}") from None
     extra = tensors.get(scale_name(name))
+    scale = 1.0
     if extra is not None:
         if extra.tensor_type != GGMLQuantizationType.F32 or extra.n_elements != 1:
             raise UserError(f"{path}: tensor '{extra.name}' must be one F32 value")
-        scale *= float(extra.data.reshape(-1)[0])
+        scale = float(extra.data.reshape(-1)[0])
+        if not (math.isfinite(scale) and scale > 0):
+            raise UserError(f"{path}: tensor '{extra.name}' is {scale}, expected a positive finite number")
+    if tensor.tensor_type in FLOAT_TYPES:
+        values = _dense(tensor, shape, path)
+        if torch.isin(values, torch.tensor([-1.0, 0.0, 1.0])).all():  # ternary codes stored as floats
+            codes = values.to(torch.int8).numpy()
+        else:  # full-precision weights, as llama.cpp's converter writes them: quantize here
+            quantized = quantize_ternary(values * scale)
+            return pack_2bit(quantized.codes), quantized.scale
+    else:
+        _check_shape(tensor, shape, path)
+        try:
+            codes, block_scale = ternary_blocks.decode(tensor.data, int(tensor.tensor_type), *shape)
+        except ternary_blocks.BlockError as err:
+            raise UserError(f"{path}: tensor '{name}' {err}") from None
+        scale *= block_scale
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"{path}: tensor '{name}' has scale {scale}, expected a positive finite number")
     return pack_2bit(torch.from_numpy(codes)), torch.tensor([scale], dtype=torch.float32)

@@ -88,10 +88,14 @@ def _tokenizer_from_merges(fields: dict[str, Any], tokens: list[str], path: Path
     if fields.get(Keys.Tokenizer.MODEL) != "gpt2":
         raise UserError(f"{path}: tokenizer model {fields.get(Keys.Tokenizer.MODEL)!r} is not supported (only gpt2)")
     merges = fields.get(Keys.Tokenizer.MERGES) or []
-    if not all(isinstance(m, str) and m.count(" ") == 1 for m in merges):
-        raise UserError(f"{path}: field '{Keys.Tokenizer.MERGES}' is not a list of 'a b' strings")
-    types = fields.get(Keys.Tokenizer.TOKEN_TYPE) or []
     vocab = {t: i for i, t in enumerate(tokens)}
+    # tokenizers panics (an exception that is not an Exception) on merges outside the vocabulary.
+    for merge in merges:
+        if not isinstance(merge, str) or merge.count(" ") != 1 or any(
+                part not in vocab for part in (*merge.split(" "), merge.replace(" ", ""))):
+            raise UserError(f"{path}: field '{Keys.Tokenizer.MERGES}' holds {merge!r}, not two tokens whose "
+                            "concatenation is a token")
+    types = fields.get(Keys.Tokenizer.TOKEN_TYPE) or []
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
