@@ -1,0 +1,134 @@
+"""Load test for `bitnet158 serve`: N concurrent clients stream completions; prints a table and writes
+JSON with aggregate tokens/s, time to first token (TTFT) and inter-token latency (ITL), p50 and p99.
+
+    bitnet158 serve --port 8000 &
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 1,32 --out serve_load.json
+
+Each client sends `--requests` streaming requests one after another (greedy, `--max-tokens` each).
+TTFT runs from sending a request to its first text; ITL is the gap between consecutive text chunks of
+one stream (one chunk per token, except where text is held back at a possible stop string or a split
+UTF-8 character).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = ["import os\n", "class Stack:\n", "def main():\n", "from typing import", "import unittest\n\nclass",
+           "# Copyright", "def __init__(self", "if __name__ == '__main__':\n", "try:\n    import", "with open("]
+
+
+@dataclass
+class Stream:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+
+
+@dataclass
+class Run:
+    clients: int
+    wall: float
+    streams: list[Stream] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        ttft = [s.ttft for s in self.streams]
+        gaps = [g for s in self.streams for g in s.gaps]
+        tokens = sum(s.tokens for s in self.streams)
+        return {
+            "clients": self.clients,
+            "requests": len(self.streams),
+            "tokens": tokens,
+            "wall_s": round(self.wall, 3),
+            "aggregate_tokens_per_s": round(tokens / self.wall, 2),
+            "ttft_p50_ms": round(1000 * percentile(ttft, 50), 1),
+            "ttft_p99_ms": round(1000 * percentile(ttft, 99), 1),
+            "itl_p50_ms": round(1000 * percentile(gaps, 50), 1),
+            "itl_p99_ms": round(1000 * percentile(gaps, 99), 1),
+        }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile, linearly interpolated between the closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Stream:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return Stream(ttft=arrivals[0] - sent if arrivals else float("nan"), gaps=gaps, tokens=tokens)
+
+
+async def run(url: str, headers: dict[str, str], clients: int, requests: int, max_tokens: int) -> Run:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        await one_stream(client, model, PROMPTS[0], 4)  # warm-up
+
+        async def client_loop(index: int) -> list[Stream]:
+            return [await one_stream(client, model, PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+                    for r in range(requests)]
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        result = Run(clients, time.perf_counter() - started)
+    result.streams = [s for streams in results for s in streams]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--clients", default="1,32", help="comma-separated numbers of concurrent clients")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--out", default="serve_load.json", help="where to write the JSON results")
+    args = parser.parse_args()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    rows = []
+    for clients in (int(c) for c in args.clients.split(",")):
+        rows.append(asyncio.run(run(args.url, headers, clients, args.requests, args.max_tokens)).summary())
+    columns = list(rows[0])
+    print(" | ".join(f"{c:>22}" for c in columns))
+    for row in rows:
+        print(" | ".join(f"{row[c]:>22}" for c in columns))
+    if len(rows) > 1:
+        base = rows[0]
+        for row in rows[1:]:
+            print(f"{row['clients']} vs {base['clients']} clients: aggregate tokens/s x"
+                  f"{row['aggregate_tokens_per_s'] / base['aggregate_tokens_per_s']:.2f}, "
+                  f"ITL p99 x{row['itl_p99_ms'] / base['itl_p99_ms']:.2f}")
+    with open(args.out, "w") as file:
+        json.dump({"url": args.url, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                   "runs": rows}, file, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
