@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+import torch
+
 from bitnet158.serve.metrics import Metrics
 from bitnet158.serve.request import Delta, Failed, Finished, Request
 from bitnet158.serve.runner import ModelRunner, sample
@@ -68,7 +70,7 @@ class Engine:
             self._advance(decoding, self.runner.decode(decoding))
         self._report_load()
 
-    def _advance(self, requests: list[Request], logits) -> None:
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's token, send its text, and retire the request if it is done."""
         for request, (token, logprob) in zip(requests, sample(logits, requests), strict=True):
             request.generated += 1

@@ -17,16 +17,16 @@ MAX_SEED = 2**63 - 1
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
-class Request(BaseModel):
+class StrictModel(BaseModel):
     # No coercion (true is not 1, "3" is not 3): a request either has the documented types or is refused.
     model_config = ConfigDict(strict=True)
 
 
-class StreamOptions(Request):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(Request):
+class SamplingFields(StrictModel):
     model: str
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: completions 16, "
                                    "chat the rest of the context). Prompt plus max_tokens must fit the context.")
@@ -50,7 +50,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=5, description="Also return this many most likely tokens per step.")
 
 
-class ChatMessage(Request):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
 

@@ -45,7 +45,7 @@ class Failed:
 Event = Delta | Finished | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the scheduler looks requests up in its lists
 class Request:
     """Created by the HTTP handler on the event loop, then owned by the engine thread until finished.
 
