@@ -27,6 +27,16 @@ PROMPTS = ["import os\n", "def main(", "class Stack:\n    def "]
 STEPS = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny matrices: with two threads torch spends more time waking them than computing (40x slower
+    on a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _export(source: Path, tmp_path: Path, ternary_type: str) -> tuple[BitNetForCausalLM, Tokenizer, Path]:
     if not (source / "config.json").is_file():
         pytest.skip(f"{source} is missing")
