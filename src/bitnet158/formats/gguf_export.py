@@ -54,7 +54,8 @@ def _scale(layer: nn.Module) -> np.ndarray:
 
 
 def _plan(model: BitNetForCausalLM, ternary_type: str, embed_type: str) -> Iterator[tuple[str, int, tuple, Callable]]:
-    """`(gguf name, type, numpy shape of the bytes/values, produce)` per tensor, in file order."""
+    """`(gguf name, type, shape of the values in numpy order, produce)` per tensor, in file order;
+    `produce()` returns the tensor's bytes (or values) when it is written."""
     qtype = ternary_blocks.TERNARY_TYPES[ternary_type]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))}
     for name, tensor in model.state_dict().items():

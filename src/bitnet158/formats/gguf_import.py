@@ -65,7 +65,9 @@ def _config(fields: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path
     if _number(fields, f"{ARCH}.embedding_length", path, int) != hidden:
         raise UserError(f"{path}: field '{ARCH}.embedding_length' does not match tensor 'token_embd.weight' {hidden}")
     heads = _number(fields, f"{ARCH}.attention.head_count", path, int)
-    eos = [fields[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in fields]
+    eos = [fields[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+           if isinstance(fields.get(k), int)]
+    bos = fields.get("tokenizer.ggml.bos_token_id")
     values = {
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -80,7 +82,7 @@ def _config(fields: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path
         # What llama.cpp computes when the file does not say: SiLU.
         "hidden_act": fields.get(f"{ARCH}.hidden_activation", "silu"),
         "tie_word_embeddings": True,
-        "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
+        "bos_token_id": bos if isinstance(bos, int) else None,
         "eos_token_id": eos or None,
         "torch_dtype": STORED_DTYPES.get(embed.tensor_type, "float32"),
     }
