@@ -7,6 +7,7 @@ network: the last test shows that it agrees with our model once our MLP is switc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,10 @@ from bitnet158.cli.model_loading import embedded_model_path
 from bitnet158.formats.gguf_export import save_gguf
 from bitnet158.tokenizer import Tokenizer
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
+if os.environ.get("CI"):  # CI installs the llama extra: these tests must run there, not skip
+    import llama_cpp
+else:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
 pytestmark = pytest.mark.llama_cpp
 
@@ -83,7 +87,10 @@ def test_silu_model_matches_llama_cpp(tmp_path: Path, ternary_type: str):
         scale = np.abs(expected).max()
         # llama.cpp rounds activations to 8 bits per 256-value block (q8_K), we per token: about 2%.
         assert difference < 0.04 * scale, f"{prompt!r}: max logit difference {difference:.3f} (scale {scale:.1f})"
-        assert np.array_equal(actual.argmax(-1), expected.argmax(-1))
+        # Same top token wherever our top-2 gap is wider than the two computations can differ.
+        top2 = np.sort(expected, axis=-1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 2 * difference
+        assert np.array_equal(actual.argmax(-1)[decisive], expected.argmax(-1)[decisive])
 
 
 def test_relu2_model_runs_as_silu_in_llama_cpp(tmp_path: Path):
