@@ -42,6 +42,22 @@ DISCONNECT_POLL_S = 0.5
 MIN_TEMPERATURE = 1e-5
 
 
+class EngineStream(StreamingResponse):
+    """Server-sent events that cancel their engine request when the response ends, whatever ends it: the
+    client can leave before the first chunk, when the event generator has not started (and so cannot
+    clean up). Cancelling a finished request does nothing."""
+
+    def __init__(self, events: AsyncIterator[str], cancel: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel()
+
+
 class Generator:
     """Serves the two generation endpoints for one model."""
 
@@ -169,7 +185,7 @@ class Generator:
                 yield f"data: {err.body().decode()}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EngineStream(sse(), lambda: self.engine.cancel(request))
 
     def _completion_chunk(self, request: Request, text: str | None, logprobs: list[TokenLogprob],
                           reason: str | None, usage: Usage | None = None) -> CompletionResponse:

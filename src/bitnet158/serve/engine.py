@@ -42,7 +42,7 @@ class Engine:
         self._report_load()
 
     def cancel(self, request: Request) -> None:
-        """The client went away: free the request's slot at the next step boundary."""
+        """The client went away: free the request's slot at the next step boundary (nothing, if it has finished)."""
         request.cancelled = True
         self.scheduler.wake()
 
