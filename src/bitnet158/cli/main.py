@@ -116,7 +116,8 @@ def info(model: ModelOption = None, device: DeviceOption = "cpu") -> None:
     counts = config.num_parameters()
     total_params = counts["ternary"] + counts["high_precision"]
     folder = model if model is not None else embedded_model_path()
-    disk_bytes = sum(file.stat().st_size for file in checkpoint_files(folder))
+    files = [folder] if folder.is_file() else checkpoint_files(folder)  # a .gguf, or a safetensors folder
+    disk_bytes = sum(file.stat().st_size for file in files)
     tensors = {t.data_ptr(): t for t in lm.state_dict().values()}.values()  # tied weights once
     memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
     ternary_bytes = sum(t.numel() for t in tensors if t.dtype == torch.uint8)
