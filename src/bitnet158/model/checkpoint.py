@@ -49,7 +49,7 @@ _FILE_DTYPES = {
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _FLOATS = "a float type (F16, BF16, F32 or F64)"
 _MAX_HEADER_BYTES = 100_000_000  # safetensors refuses longer headers
-_CHECK_CHUNK_BYTES = 1 << 18
+_CHECK_CHUNK_BYTES = 1 << 20
 # Endings of safetensors' errors that name no tensor, though the header tells which one is at fault.
 _NAMELESS_ERRORS = (
     "file not fully covered", "invalid shape, data type, or offset for tensor", "from shape and/or element type"
@@ -196,12 +196,15 @@ def _check_linear_header(checkpoint: _Checkpoint, name: str, layer: PackedBitLin
     return dtype == "U8"
 
 
-def _holds_code_3(packed: torch.Tensor) -> bool:
+def _holds_code_3(packed: torch.Tensor, scratch: torch.Tensor) -> bool:
     """Whether a 2-bit field of the packed bytes holds 3, which stands for no ternary value (it would unpack
-    to +2): a field is 3 when both its bits are set. One vectorised pass, in chunks: a temporary as large
-    as the tensor would be a fresh allocation per layer, which malloc keeps as resident memory."""
-    for chunk in packed.reshape(-1).split(_CHECK_CHUNK_BYTES):
-        both_bits = chunk >> 1
+    to +2): a field is 3 when both its bits are set. One vectorised pass, chunk by chunk through one reused
+    `scratch` buffer: a fresh temporary per tensor or chunk leaves malloc holding tens of MB as resident."""
+    flat = packed.reshape(-1)
+    for start in range(0, flat.numel(), scratch.numel()):
+        chunk = flat[start : start + scratch.numel()]
+        both_bits = scratch[: chunk.numel()]
+        torch.bitwise_right_shift(chunk, 1, out=both_bits)
         both_bits &= chunk
         both_bits &= 0b01010101
         if both_bits.any():
@@ -216,14 +219,14 @@ def _check_finite(checkpoint: _Checkpoint, name: str, tensor: torch.Tensor) -> N
 
 
 def _read_linear(
-    checkpoint: _Checkpoint, name: str, is_packed: bool, linear_class: str
+    checkpoint: _Checkpoint, name: str, is_packed: bool, linear_class: str, scratch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear layer's stored weight (packed or float) and optional `weight_scale` as `(packed, s)`."""
     weight_name, scale_name = f"{name}.weight", f"{name}.weight_scale"
     weight = checkpoint.get(weight_name)
     scale_on_disk = checkpoint.get(scale_name) if scale_name in checkpoint else None
     if is_packed:
-        if _holds_code_3(weight):
+        if _holds_code_3(weight, scratch):
             raise UserError(f"{checkpoint.where(weight_name)} holds the 2-bit code 3, which is not a ternary value")
         packed = weight
     else:
@@ -271,9 +274,10 @@ def load_weights(
     total = len(packed_layers) + len(others)
     with ExitStack() as stack:
         checkpoint = _Checkpoint(folder, stack)
+        scratch = torch.empty(_CHECK_CHUNK_BYTES, dtype=torch.uint8)
         for done, (name, layer) in enumerate(packed_layers.items(), start=1):
             is_packed = _check_linear_header(checkpoint, name, layer)
-            packed, s = _read_linear(checkpoint, name, is_packed, config.linear_class)
+            packed, s = _read_linear(checkpoint, name, is_packed, config.linear_class, scratch)
             _set_tensor(model, f"{name}.weight", packed.to(device))
             _set_tensor(model, f"{name}.weight_scale", s.to(device=device, dtype=torch.float32))
             if progress:
