@@ -125,7 +125,7 @@ class Generator:
         asked = "" if max_tokens is None else f" plus max_tokens {max_tokens}"
         return APIError(400, f"This model's maximum context length is {self.context} tokens; the prompt has "
                         f"{prompt_tokens} tokens{asked}. Shorten the prompt or lower max_tokens.",
-                        "invalid_request_error", "context_length_exceeded", "messages")
+                        "invalid_request_error", "context_length_exceeded")
 
     async def _events(self, request: Request, http: HTTPRequest) -> AsyncIterator[Delta | Finished]:
         """The request's events until it finishes; if the client goes away first, cancel it."""
