@@ -167,7 +167,7 @@ def load_gguf(
     config = _config(metadata(reader, path), tensors, path)
     with torch.device("meta"):
         model = freeze_(BitNetForCausalLM(config))
-    dtype = resolve_dtype(config, device, dtype)
+    dtype = resolve_dtype(config, dtype)
     packed = {name: m for name, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     names = [n for n in model.state_dict() if n != "lm_head.weight" and not n.endswith(".weight_scale")]
     placeholders = model.state_dict()

@@ -203,7 +203,7 @@ class BitNetForCausalLM(nn.Module):
         device = torch.device(device)
         with torch.device("meta"):
             model = freeze_(cls(config))
-        load_weights(model, folder, device, resolve_dtype(config, device, dtype), progress)
+        load_weights(model, folder, device, resolve_dtype(config, dtype), progress)
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:

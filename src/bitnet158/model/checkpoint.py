@@ -56,7 +56,7 @@ _NAMELESS_ERRORS = (
 )
 
 
-def resolve_dtype(config: BitNetConfig, device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+def resolve_dtype(config: BitNetConfig, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype of embeddings and norms: the config's `torch_dtype` unless one is asked for, whatever the device.
 
     On the CPU too: there, a tensor loaded in the dtype it is stored in stays a view of the memory-mapped
