@@ -105,3 +105,9 @@ def test_next_token_greedy_and_filters():
     seen = torch.tensor([[False, True, False], [False, False, False]])
     penalized = next_token(logits, SamplingParams(temperature=0, repetition_penalty=4.0), generator, seen)
     assert penalized.tolist() == [2, 0]
+
+
+def test_top_p_keeps_the_most_likely_token_when_p_underflows_float32():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    kept = top_p_filter(logits, 1e-300)  # 1e-300 is 0 in float32
+    assert torch.equal(torch.isfinite(kept), torch.tensor([[False, True, False]]))

@@ -13,7 +13,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bitnet158.errors import UserError
 from bitnet158.formats.gguf_import import load_gguf_tokenizer
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
-from bitnet158.model.checkpoint import resolve_dtype
 from bitnet158.tokenizer import Tokenizer
 
 PROGRESS_DELAY_S = 1.0
@@ -44,13 +43,16 @@ def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausal
     """Load a model folder (default: the embedded model) or a .gguf file and its tokenizer, refusing a
     folder too large for the device."""
     folder = path if path is not None else embedded_model_path()
+    # float32 on the CPU: the high-precision parts cost little there, and a row's result then does not
+    # depend on the rest of the batch (the server relies on it); bf16 elsewhere.
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if folder.suffix == ".gguf" and folder.is_file():  # a GGUF file holds the model and its tokenizer
         tokenizer = load_gguf_tokenizer(folder)
     else:
         if not folder.is_dir():
             raise UserError(f"--model {folder}: no such folder or .gguf file")
         config = BitNetConfig.from_json(folder / "config.json")
-        needed, available = estimated_bytes(config, resolve_dtype(config, None)), _available_bytes(device)
+        needed, available = estimated_bytes(config, dtype), _available_bytes(device)
         if available is not None and needed > available:
             raise UserError(
                 f"--model {folder}: needs about {needed / 2**30:.1f} GiB on {device.type}, "
@@ -71,7 +73,7 @@ def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausal
         progress.update(task, completed=done, total=total)
 
     try:
-        model = BitNetForCausalLM.from_pretrained(folder, device=device, progress=report)
+        model = BitNetForCausalLM.from_pretrained(folder, device=device, dtype=dtype, progress=report)
     finally:
         progress.stop()
     return model, tokenizer

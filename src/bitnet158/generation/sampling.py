@@ -83,8 +83,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs  # 0 for the most likely token, which is therefore always kept
+    mass_before = probs.cumsum(-1) - probs
     remove_sorted = mass_before >= p
+    remove_sorted[..., 0] = False  # the most likely token stays, even where p underflows float32 to 0
     remove = remove_sorted.scatter(-1, order, remove_sorted)
     return logits.masked_fill(remove, -math.inf)
 
