@@ -85,3 +85,13 @@ def eager_compile():
     seconds per function and shape. Run them eagerly: the same operations, without the compiler."""
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: their ops are faster than waking a second thread, and on a busy
+    two-core machine handing work between threads dominates (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

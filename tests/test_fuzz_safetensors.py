@@ -82,13 +82,10 @@ def check_loaded(model: BitNetForCausalLM) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint() -> Iterator[Checkpoint]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ops on this tiny model are faster than waking a second thread for each
+def checkpoint(one_torch_thread) -> Iterator[Checkpoint]:
     # In memory where there is a tmpfs: rewriting a file on disk 10,000 times costs more than the loads.
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as folder:
         yield Checkpoint(Path(folder))
-    torch.set_num_threads(threads)
 
 
 def with_header(header: object, body: bytes) -> bytes:

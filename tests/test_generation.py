@@ -16,13 +16,7 @@ PROMPTS = ["The quick brown fox", "Hi", "def fibonacci(n):\n    return n if", "L
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine handing work between them dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,13 @@ if os.environ.get("CI"):  # CI installs the llama extra: these tests must run th
 else:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama]')")
 
-pytestmark = pytest.mark.llama_cpp
+pytestmark = [pytest.mark.llama_cpp, pytest.mark.usefixtures("one_torch_thread")]
 
 SILU_MODEL = Path(__file__).parent / "data" / "silu_bitnet"
 PROMPTS = ["import os\n", "def main(", "class Stack:\n    def "]
 STEPS = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matrices: with two threads torch spends more time waking them than computing (40x slower
-    on a busy two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _export(source: Path, tmp_path: Path, ternary_type: str) -> tuple[BitNetForCausalLM, Tokenizer, Path]:
