@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, ReaderTensor
 from gguf import quants as gguf_quants
-from torch import nn
 
 from bitnet158.errors import UserError
 from bitnet158.formats import ternary_blocks
@@ -27,7 +26,7 @@ from bitnet158.formats.gguf_file import metadata, open_gguf
 from bitnet158.formats.gguf_tokenizer import read_tokenizer
 from bitnet158.formats.names import PER_LAYER, gguf_name, scale_name
 from bitnet158.model.bitnet import BitNetForCausalLM
-from bitnet158.model.checkpoint import resolve_dtype
+from bitnet158.model.checkpoint import resolve_dtype, set_tensor
 from bitnet158.model.config import BitNetConfig
 from bitnet158.nn.bitlinear import PackedBitLinear
 from bitnet158.nn.convert import freeze_
@@ -146,14 +145,6 @@ def _linear(
     return pack_2bit(torch.from_numpy(codes)), torch.tensor([scale], dtype=torch.float32)
 
 
-def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if isinstance(getattr(module, attr), nn.Parameter):
-        value = nn.Parameter(value, requires_grad=False)
-    setattr(module, attr, value)
-
-
 def load_gguf(
     path: str | Path,
     device: torch.device | str = "cpu",
@@ -178,11 +169,11 @@ def load_gguf(
         module_name = name.rpartition(".")[0]
         if module_name in packed:
             weight, scale = _linear(tensors, target, packed[module_name], path)
-            _set(model, name, weight.to(device))
-            _set(model, f"{module_name}.weight_scale", scale.to(device))
+            set_tensor(model, name, weight.to(device))
+            set_tensor(model, f"{module_name}.weight_scale", scale.to(device))
         else:
             values = _dense(tensors[target], tuple(placeholders[name].shape), path)
-            _set(model, name, values.to(device=device, dtype=dtype))
+            set_tensor(model, name, values.to(device=device, dtype=dtype))
         if progress:
             progress(done, len(names))
     model.tie_weights()

@@ -245,7 +245,8 @@ def _read_linear(
     return packed, (1.0 / scale if linear_class == "bitlinear" else scale)
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the model's tensor `name` (a frozen Parameter where a Parameter was)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(getattr(module, attr), nn.Parameter):
@@ -278,15 +279,15 @@ def load_weights(
         for done, (name, layer) in enumerate(packed_layers.items(), start=1):
             is_packed = _check_linear_header(checkpoint, name, layer)
             packed, s = _read_linear(checkpoint, name, is_packed, config.linear_class, scratch)
-            _set_tensor(model, f"{name}.weight", packed.to(device))
-            _set_tensor(model, f"{name}.weight_scale", s.to(device=device, dtype=torch.float32))
+            set_tensor(model, f"{name}.weight", packed.to(device))
+            set_tensor(model, f"{name}.weight_scale", s.to(device=device, dtype=torch.float32))
             if progress:
                 progress(done, total)
         for done, name in enumerate(others, start=len(packed_layers) + 1):
             _check_float_header(checkpoint, name, tuple(placeholders[name].shape))
             tensor = checkpoint.get(name)
             _check_finite(checkpoint, name, tensor)
-            _set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+            set_tensor(model, name, tensor.to(device=device, dtype=dtype))
             if progress:
                 progress(done, total)
     model.tie_weights()
