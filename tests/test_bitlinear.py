@@ -152,3 +152,17 @@ def test_freeze_packs_bitlinears():
     assert type(net.blocks[0].router) is nn.Linear
     assert net.lm_head.weight is lm_head_weight
     assert torch.equal(net.blocks[0].attn.bias, attn_bias)
+
+
+def test_repacked_weight_is_built_once_and_rebuilt_when_the_weight_changes():
+    layer = PackedBitLinear.from_linear(torch.nn.Linear(8, 12, bias=False))
+    calls = []
+
+    def repack(weight):
+        calls.append(1)
+        return weight.clone()
+
+    first = layer.repacked("copy", repack)
+    assert layer.repacked("copy", repack) is first and len(calls) == 1
+    layer.set_weight(torch.randn(12, 8))
+    assert torch.equal(layer.repacked("copy", repack), layer.weight) and len(calls) == 2

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet158.kernels import ternary_linear
+from bitnet158.kernels import bitlinear_forward
 from bitnet158.packing import ROWS_PER_BYTE, pack_2bit
 from bitnet158.quant.fake import fake_quant_activations, fake_quant_ternary
 from bitnet158.quant.weights import quantize_ternary
@@ -40,6 +42,7 @@ class PackedBitLinear(nn.Module):
         self.register_buffer("weight", torch.zeros(packed_rows, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._repacked: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedBitLinear:
@@ -63,8 +66,17 @@ class PackedBitLinear(nn.Module):
         self.weight = pack_2bit(quantized.codes).to(self.weight.device)
         self.weight_scale = quantized.scale.to(self.weight_scale.device)
 
+    def repacked(self, layout: str, repack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`repack(self.weight)` in a kernel's own layout, computed once and kept until the weight changes."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        cached = self._repacked.get(layout)
+        if cached is None or cached[0] != key:
+            cached = (key, repack(self.weight))
+            self._repacked[layout] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ternary_linear(x, self.weight, self.weight_scale, self.out_features, self.bias)
+        return bitlinear_forward(self, x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
