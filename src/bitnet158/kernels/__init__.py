@@ -20,4 +20,24 @@ __all__ = ["bitlinear_forward", "ternary_linear", "ternary_matmul"]
 
 def bitlinear_forward(layer: PackedBitLinear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` on the fastest backend for `x.device`."""
+    if x.device.type == "cuda" and _gpu_kernels():  # GPU: Triton W2A8 kernels (kernels/gpu.py)
+        from bitnet158.kernels import gpu
+
+        return gpu.linear(layer, x)
     return ternary_linear(x, layer.weight, layer.weight_scale, layer.out_features, layer.bias)
+
+
+def _gpu_kernels() -> bool:
+    """Whether Triton is importable (it ships with CUDA builds of PyTorch)."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
+_TRITON: bool | None = None

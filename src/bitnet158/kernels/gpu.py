@@ -1,0 +1,608 @@
+"""Triton kernels for NVIDIA GPUs: ternary weights (2 bits) times int8 activations (W2A8).
+
+Weight layout. A layer's packed weight is transformers' layout, uint8 `[R, K]` with `R = ceil(N / 4)`:
+byte `(r, k)` holds the weights of rows `r, r + R, r + 2R, r + 3R` at column `k`, two bits each,
+stored as `t + 1`. Our layout (`repack`) is the same bytes with K zero-padded to a multiple of 128,
+so the common shapes need no copy at all. It suits both kernels:
+
+- read as int32, one word holds 4 consecutive columns of 4 rows. `(word >> 2i) & 0x03030303` is
+  then four int8 codes of row `r + iR`, lined up with the int32 word of the four matching int8
+  activations, and one `dp4a` instruction multiplies and adds all four (the GEMV for M <= 8);
+- read as uint8 tiles, the four 2-bit fields give four int8 tiles for `tl.dot` on the int8 tensor
+  cores (small and large M).
+
+The codes are `t + 1` in {0, 1, 2}; `sum_k (t + 1) * x = sum_k t * x + sum_k x`, so every kernel
+subtracts the activation row sum once instead of subtracting 1 from every weight. All integer
+sums are exact in int32 (|sum| <= 128 * K < 2^31 for the K we accept); the scales are applied
+once in the epilogue, in the same order as `reference.ternary_linear`.
+
+Activations are quantized per token exactly as `quant.activations.quantize_activations` does
+(`round(x * (127 / absmax))`, round half to even, absmax clamped to 1e-5), optionally fused with the
+RMSNorm that produces them, in `quantize_rows` and in the GEMV's own prologue (`fused_gemv`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from bitnet158.quant.weights import SCALE_EPS
+
+K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
+MAX_K = 2**24  # |sum| <= 128 * K must stay below 2^31
+GEMV_MAX_M = 8  # up to this many rows, the dp4a GEMV reads each weight once per row from L2
+LAYOUT = "triton_w2a8"
+
+# The interpreter (TRITON_INTERPRET=1, for debugging on a CPU) cannot run inline PTX.
+_USE_PTX: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _dp4a(a, b, acc):
+    """acc + sum of the four signed byte products of int32 words a and b."""
+    if _USE_PTX:
+        return tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        for j in tl.static_range(4):
+            acc += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+        return acc
+
+
+@triton.jit
+def _rint(x):
+    """Round half to even, as torch.round."""
+    if _USE_PTX:
+        return libdevice.rint(x)
+    else:
+        r = tl.floor(x + 0.5)
+        return tl.where((r - x == 0.5) & (r % 2 != 0), r - 1.0, r)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """Round float32 `x` to `dtype` and back, as torch does after each op in that dtype."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _norm_stats(x_row, norm_ptr, K, eps, BLOCK: tl.constexpr):
+    """RMSNorm of one row followed by per-token quantization: (1 / rms, 127 / absmax, absmax / 127).
+
+    `norm(x) = weight * round(x * rsqrt(mean(x^2) + eps))`, each product rounded to x's dtype, as
+    `model.bitnet.RMSNorm` computes it."""
+    dtype: tl.constexpr = x_row.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    squares = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        squares += x * x
+    inv_rms = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / K + eps)
+    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + offs < K
+        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(norm_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _round_to(w * _round_to(x * inv_rms, dtype), dtype)
+        absmax = tl.maximum(absmax, tl.abs(y))
+    absmax = tl.maximum(tl.max(absmax, axis=0), 1e-5)
+    return inv_rms, tl.math.div_rn(127.0, absmax), absmax / 127.0
+
+
+@triton.jit
+def _plain_stats(x_row, K, BLOCK: tl.constexpr):
+    """Per-token quantization of one row without a norm: (127 / absmax, absmax / 127)."""
+    offs = tl.arange(0, BLOCK)
+    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(x))
+    absmax = tl.maximum(tl.max(absmax, axis=0), 1e-5)
+    return tl.math.div_rn(127.0, absmax), absmax / 127.0
+
+
+@triton.jit
+def _codes(x, inv_rms, norm_w, qscale, NORM: tl.constexpr, dtype: tl.constexpr):
+    """int32 codes in [-128, 127] of float32 activations `x` (normed first when NORM)."""
+    if NORM:
+        x = _round_to(norm_w * _round_to(x * inv_rms, dtype), dtype)
+    codes = _rint(x * qscale)
+    return tl.minimum(tl.maximum(codes, -128.0), 127.0).to(tl.int32)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, norm_ptr, codes_ptr, scale_ptr, sum_ptr, K, Kp, stride_x, stride_c, eps,
+    NORM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row: int8 codes `[Kp]` (zeros past K), scale and the codes' sum."""
+    m = tl.program_id(0)
+    x_row = x_ptr + m * stride_x
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    if NORM:
+        inv_rms, qscale, scale = _norm_stats(x_row, norm_ptr, K, eps, BLOCK)
+    else:
+        inv_rms = 1.0
+        qscale, scale = _plain_stats(x_row, K, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.int32)
+    for k0 in range(0, Kp, BLOCK):
+        mask = k0 + offs < K
+        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        w = 1.0
+        if NORM:
+            w = tl.load(norm_ptr + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        codes = tl.where(mask, _codes(x, inv_rms, w, qscale, NORM, dtype), 0)
+        total += codes
+        tl.store(codes_ptr + m * stride_c + k0 + offs, codes.to(tl.int8), mask=k0 + offs < Kp)
+    tl.store(scale_ptr + m, scale)
+    tl.store(sum_ptr + m, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _epilogue(
+    acc0, acc1, acc2, acc3, m, rows, R, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, res_ptr, out_ptr,
+    stride_res, stride_out, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, INT_OUT: tl.constexpr,
+):
+    """Store the four row blocks `rows + iR` of one output row `m` (acc_i are exact int32 dot products).
+
+    EPILOGUE 0: out = x_scale * w_scale * acc (+ bias); 1: out = residual + that (may be in place);
+    2: gate/up of a fused MLP (rows [gate; up], N = 4R): out[:N/2] = relu(gate)^2 * up."""
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    row_ok = rows < R
+    if INT_OUT:
+        tl.store(out_ptr + m * stride_out + rows, acc0, mask=row_ok & (rows < N))
+        tl.store(out_ptr + m * stride_out + R + rows, acc1, mask=row_ok & (R + rows < N))
+        tl.store(out_ptr + m * stride_out + 2 * R + rows, acc2, mask=row_ok & (2 * R + rows < N))
+        tl.store(out_ptr + m * stride_out + 3 * R + rows, acc3, mask=row_ok & (3 * R + rows < N))
+    else:
+        vals0 = _scaled(acc0, rows, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS, dtype)
+        vals1 = _scaled(acc1, R + rows, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS, dtype)
+        vals2 = _scaled(acc2, 2 * R + rows, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS, dtype)
+        vals3 = _scaled(acc3, 3 * R + rows, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS, dtype)
+        if EPILOGUE == 2:
+            # gate rows r and r + R pair with up rows r + 2R and r + 3R: both in this program.
+            h0 = _round_to(_round_to(tl.maximum(vals0, 0.0) * tl.maximum(vals0, 0.0), dtype) * vals2, dtype)
+            h1 = _round_to(_round_to(tl.maximum(vals1, 0.0) * tl.maximum(vals1, 0.0), dtype) * vals3, dtype)
+            tl.store(out_ptr + m * stride_out + rows, h0.to(dtype), mask=row_ok)
+            tl.store(out_ptr + m * stride_out + R + rows, h1.to(dtype), mask=row_ok)
+        else:
+            _store_block(vals0, rows, row_ok, m, N, res_ptr, out_ptr, stride_res, stride_out, EPILOGUE)
+            _store_block(vals1, R + rows, row_ok, m, N, res_ptr, out_ptr, stride_res, stride_out, EPILOGUE)
+            _store_block(vals2, 2 * R + rows, row_ok, m, N, res_ptr, out_ptr, stride_res, stride_out, EPILOGUE)
+            _store_block(vals3, 3 * R + rows, row_ok, m, N, res_ptr, out_ptr, stride_res, stride_out, EPILOGUE)
+
+
+@triton.jit
+def _store_block(vals, cols, row_ok, m, N, res_ptr, out_ptr, stride_res, stride_out, EPILOGUE: tl.constexpr):
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    ok = row_ok & (cols < N)
+    if EPILOGUE == 1:
+        res = tl.load(res_ptr + m * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+        vals = _round_to(res + vals, dtype)
+    tl.store(out_ptr + m * stride_out + cols, vals.to(dtype), mask=ok)
+
+
+@triton.jit
+def _scaled(acc, cols, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    w_scale = tl.load(w_scale_ptr + cols * w_scale_stride, mask=cols < N, other=0.0)
+    vals = acc.to(tl.float32) * (x_scale * w_scale)
+    if HAS_BIAS:
+        vals += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    return _round_to(vals, dtype)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, x_scale_ptr, norm_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    R, N, K, KW, stride_x, stride_res, stride_out, w_scale_stride, eps,
+    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, INT_OUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    """out[m, rows + iR] for BLOCK_R packed rows and one activation row m (grid: row blocks x M).
+
+    `w_ptr` is the int32 view `[R, KW]` of our layout. Without NORM, `x_ptr` is the int32 view of
+    int8 codes `[M, KW]` with their scales at `x_scale_ptr`. With NORM, `x_ptr` holds the float
+    activations `[M, K]` before the RMSNorm of weight `norm_ptr`: every program computes the norm's
+    statistics (the row is small and in L2) and quantizes its words on the fly."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs = tl.arange(0, BLOCK_KW)
+    if NORM:
+        dtype: tl.constexpr = x_ptr.dtype.element_ty
+        x_row = x_ptr + m * stride_x
+        inv_rms, qscale, x_scale = _norm_stats(x_row, norm_ptr, K, eps, 4 * BLOCK_KW)
+        byte = tl.arange(0, 4)
+    else:
+        x_scale = tl.load(x_scale_ptr + m)
+    acc0 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
+    acc3 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
+    x_sum = tl.zeros([BLOCK_KW], dtype=tl.int32)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
+    row_ok = rows[:, None] < R
+    for k0 in range(0, KW, BLOCK_KW):
+        words = k0 + offs
+        w = tl.load(w_rows + words[None, :], mask=row_ok & (words[None, :] < KW), other=0)
+        if NORM:
+            cols = words[:, None] * 4 + byte[None, :]
+            ok = cols < K
+            xf = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+            nw = tl.load(norm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            codes = tl.where(ok, _codes(xf, inv_rms, nw, qscale, True, dtype), 0)
+            a = tl.sum((codes & 0xFF) << (8 * byte[None, :]), axis=1)  # four int8 codes in one word
+        else:
+            a = tl.load(x_ptr + m * stride_x + words, mask=words < KW, other=0)
+        a2 = tl.broadcast_to(a[None, :], [BLOCK_R, BLOCK_KW])
+        acc0 = _dp4a(w & 0x03030303, a2, acc0)
+        acc1 = _dp4a((w >> 2) & 0x03030303, a2, acc1)
+        acc2 = _dp4a((w >> 4) & 0x03030303, a2, acc2)
+        acc3 = _dp4a((w >> 6) & 0x03030303, a2, acc3)
+        x_sum = _dp4a(tl.full([BLOCK_KW], 0x01010101, tl.int32), a, x_sum)
+    total = tl.sum(x_sum, axis=0)
+    _epilogue(
+        tl.sum(acc0, axis=1) - total, tl.sum(acc1, axis=1) - total, tl.sum(acc2, axis=1) - total,
+        tl.sum(acc3, axis=1) - total, m, rows, R, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, res_ptr,
+        out_ptr, stride_res, stride_out, HAS_BIAS, EPILOGUE, INT_OUT,
+    )
+
+
+@triton.jit
+def _mma_kernel(
+    a_ptr, a_scale_ptr, a_sum_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, R, N, Kp, stride_a, stride_out, w_scale_stride,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """int8 tensor-core tiles: `[BLOCK_M, BLOCK_K]` codes times four unpacked `[BLOCK_K, BLOCK_R]`
+    weight tiles per step, so one program produces `BLOCK_M x 4 BLOCK_R` outputs. BLOCK_K divides Kp."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_r = tl.cdiv(R, BLOCK_R)
+    # Programs of one group share their weight tiles through L2 (the usual grouped ordering).
+    per_group = GROUP_M * num_r
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_r = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * Kp + offs_k[None, :]
+    m_ok = offs_m[:, None] < M
+    r_ok = rows[:, None] < R
+    acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+    for _ in range(0, Kp, BLOCK_K):
+        a = tl.load(a_ptrs, mask=m_ok, other=0)
+        w = tl.load(w_ptrs, mask=r_ok, other=0)
+        acc0 = tl.dot(a, tl.trans((w & 3).to(tl.int8)), acc0, out_dtype=tl.int32)
+        acc1 = tl.dot(a, tl.trans(((w >> 2) & 3).to(tl.int8)), acc1, out_dtype=tl.int32)
+        acc2 = tl.dot(a, tl.trans(((w >> 4) & 3).to(tl.int8)), acc2, out_dtype=tl.int32)
+        acc3 = tl.dot(a, tl.trans((w >> 6).to(tl.int8)), acc3, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    a_sum = tl.load(a_sum_ptr + offs_m, mask=offs_m < M, other=0)[:, None]
+    x_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+    out_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_out
+    ok = m_ok & (rows < R)[None, :]
+    _store_tile(acc0 - a_sum, rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                HAS_BIAS, INT_OUT)
+    _store_tile(acc1 - a_sum, R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                HAS_BIAS, INT_OUT)
+    _store_tile(acc2 - a_sum, 2 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                HAS_BIAS, INT_OUT)
+    _store_tile(acc3 - a_sum, 3 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _store_tile(acc, cols, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr):
+    cols = cols[None, :]
+    ok = ok & (cols < N)
+    if INT_OUT:
+        tl.store(out_rows + cols, acc, mask=ok)
+    else:
+        dtype: tl.constexpr = out_rows.dtype.element_ty
+        vals = _scaled(acc, cols, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BIAS, dtype)
+        tl.store(out_rows + cols, vals.to(dtype), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python side
+
+
+def padded_k(k: int) -> int:
+    return -(-k // K_ALIGN) * K_ALIGN
+
+
+def check_shape(packed: torch.Tensor, out_features: int, in_features: int) -> None:
+    """Reject what the 2-bit format cannot hold, before any kernel runs."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed ternary weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"a ternary linear needs at least one input and one output, got {in_features}->{out_features}")
+    if in_features > MAX_K:
+        raise ValueError(f"in_features {in_features} is over {MAX_K}: the int32 sums could overflow")
+    if packed.shape[1] != in_features or packed.shape[0] != -(-out_features // 4):
+        raise ValueError(
+            f"packed weight {tuple(packed.shape)} does not hold a {in_features}->{out_features} layer "
+            f"(expected {(-(-out_features // 4), in_features)})"
+        )
+
+
+def repack(packed: torch.Tensor) -> torch.Tensor:
+    """Our layout: the packed bytes, contiguous, K zero-padded to a multiple of 128 (a view when it already is)."""
+    rows, k = packed.shape
+    kp = padded_k(k)
+    if kp == k and packed.is_contiguous():
+        return packed
+    out = torch.zeros(rows, kp, dtype=torch.uint8, device=packed.device)
+    out[:, :k] = packed
+    return out
+
+
+def quantize_rows(
+    x: torch.Tensor, kp: int | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token int8 quantization of `x [M, K]` (after RMSNorm with `norm_weight` if given).
+
+    Returns codes int8 `[M, kp]` (zeros past K), scales float32 `[M]` and the codes' row sums int32 `[M]`.
+    """
+    m, k = x.shape
+    kp = padded_k(k) if kp is None else kp
+    x = x.contiguous()
+    codes = torch.empty(m, kp, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    sums = torch.empty(m, dtype=torch.int32, device=x.device)
+    if m:
+        norm = norm_weight.contiguous() if norm_weight is not None else x
+        _quantize_rows_kernel[(m,)](
+            x, norm, codes, scale, sums, k, kp, x.stride(0), codes.stride(0), eps,
+            NORM=norm_weight is not None, BLOCK=1024, num_warps=4,
+        )
+    return codes, scale, sums
+
+
+# (BLOCK_R, BLOCK_KW, num_warps) of the GEMV by K: tuned on the H100 for the 2B4T shapes.
+def _gemv_config(r: int, kw: int) -> tuple[int, int, int]:
+    if r >= 2048:
+        return 8, 64, 4
+    return 4, 64, 4
+
+
+def _mma_config(m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages)."""
+    if m <= 16:
+        return 16, 16, 128, 4, 4
+    if m <= 64:
+        return 64, 16, 128, 4, 4
+    if m <= 256:
+        return 64, 32, 128, 4, 3
+    return 128, 64, 128, 8, 3
+
+
+def w2a8_matmul(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    code_sums: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_features: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+    bias: torch.Tensor | None = None,
+    int_out: bool = False,
+) -> torch.Tensor:
+    """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
+    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 8, tensor cores above."""
+    m, kp = codes.shape
+    r = weight.shape[0]
+    if weight.shape[1] != kp or kp % K_ALIGN or not ROWS_OK(r, out_features):
+        raise ValueError(f"codes {tuple(codes.shape)} do not fit a repacked weight {tuple(weight.shape)}")
+    out = torch.empty(m, out_features, dtype=torch.int32 if int_out else out_dtype, device=codes.device)
+    if m == 0:
+        return out
+    w_scale_stride = 0 if weight_scale.numel() == 1 else 1
+    bias_arg = bias if bias is not None else weight_scale
+    if m <= GEMV_MAX_M:
+        block_r, block_kw, warps = _gemv_config(r, kp // 4)
+        _gemv_kernel[(triton.cdiv(r, block_r), m)](
+            codes.view(torch.int32), x_scale, x_scale, weight.view(torch.int32), weight_scale, bias_arg, out, out,
+            r, out_features, kp, kp // 4, kp // 4, 0, out.stride(0), w_scale_stride, 0.0,
+            NORM=False, HAS_BIAS=bias is not None, EPILOGUE=0, INT_OUT=int_out,
+            BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
+        )
+        return out
+    block_m, block_r, block_k, warps, stages = _mma_config(m)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),)
+    _mma_kernel[grid](
+        codes, x_scale, code_sums, weight, weight_scale, bias_arg, out,
+        m, r, out_features, kp, codes.stride(0), out.stride(0), w_scale_stride,
+        HAS_BIAS=bias is not None, INT_OUT=int_out,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def ROWS_OK(r: int, n: int) -> bool:  # noqa: N802 - reads as a predicate on the shape
+    return 4 * (r - 1) < n <= 4 * r
+
+
+EPILOGUES = {"none": 0, "residual": 1, "relu2_gate_up": 2}
+
+
+def fused_gemv(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out_features: int,
+    epilogue: str = "none",
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One kernel for `linear(quantize(rmsnorm(x)))` on few rows `x [M, K]` (decode), with an epilogue:
+
+    - "none": the linear's output `[M, N]`;
+    - "residual": `residual + linear(...)`, written into `out` (which may be `residual` itself);
+    - "relu2_gate_up": for a fused gate/up layer (rows `[gate; up]`), `relu(gate)^2 * up`, `[M, N / 2]`.
+    """
+    m, k = x.shape
+    r, kp = weight.shape
+    code = EPILOGUES[epilogue]
+    if code == 2 and out_features % 4:
+        raise ValueError(f"the fused gate/up epilogue needs 4 | out_features, got {out_features}")
+    if out is None:
+        width = out_features // 2 if code == 2 else out_features
+        out = torch.empty(m, width, dtype=x.dtype, device=x.device)
+    res = residual if residual is not None else out
+    block_r, block_kw, warps = _gemv_config(r, kp // 4)
+    _gemv_kernel[(triton.cdiv(r, block_r), m)](
+        x, x, norm_weight, weight.view(torch.int32), weight_scale, weight_scale, res, out,
+        r, out_features, k, kp // 4, x.stride(0), res.stride(0), out.stride(0),
+        0 if weight_scale.numel() == 1 else 1, eps,
+        NORM=True, HAS_BIAS=False, EPILOGUE=code, INT_OUT=False,
+        BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
+    )
+    return out
+
+
+def layer_weight(layer) -> torch.Tensor:
+    """A `PackedBitLinear`'s weight in our layout, repacked once and cached on the layer."""
+    check_shape(layer.weight, layer.out_features, layer.in_features)
+    return layer.repacked(LAYOUT, repack)
+
+
+def linear(layer, x: torch.Tensor) -> torch.Tensor:
+    """`PackedBitLinear` forward on a CUDA device: quantize (one kernel), then the W2A8 matmul."""
+    weight = layer_weight(layer)
+    lead = x.shape[:-1]
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"input of width {x.shape[-1]} for a layer of {layer.in_features} inputs")
+    flat = x.reshape(-1, layer.in_features)
+    codes, scale, sums = quantize_rows(flat, weight.shape[1])
+    out = w2a8_matmul(codes, scale, sums, weight, layer.weight_scale, layer.out_features, x.dtype, layer.bias)
+    return out.reshape(*lead, layer.out_features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention: rotary embedding, cache write and attention for one new token per sequence.
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, k_cache, v_cache, out_ptr, inv_freq_ptr, length_ptr, padding_ptr,
+    stride_qkv, stride_cb, stride_ch, stride_cl, stride_out, sm_scale,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """One program per (sequence, key/value head) and its GROUP query heads.
+
+    `qkv` holds `[q (H * D) | k (KV * D) | v (KV * D)]` of the new token. The new token sits at cache
+    slot `length` (read from device memory, so a captured graph replays at any length); its rotary
+    position is `length - padding[b]`. Keys before `padding[b]` are left padding and are skipped."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    dtype: tl.constexpr = qkv_ptr.dtype.element_ty
+    half: tl.constexpr = HEAD_DIM // 2
+    length = tl.load(length_ptr)
+    pad = tl.load(padding_ptr + b)
+    pos = (length - pad).to(tl.float32)
+    d = tl.arange(0, half)
+    angle = pos * tl.load(inv_freq_ptr + d)
+    cos = _round_to(tl.cos(angle), dtype)
+    sin = _round_to(tl.sin(angle), dtype)
+    heads = g * GROUP + tl.arange(0, GROUP)
+    row = qkv_ptr + b * stride_qkv
+    q_lo = tl.load(row + heads[:, None] * HEAD_DIM + d[None, :]).to(tl.float32)
+    q_hi = tl.load(row + heads[:, None] * HEAD_DIM + half + d[None, :]).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product and the sum rounded as in `apply_rotary`.
+    q1 = _round_to(_round_to(q_lo * cos, dtype) + _round_to(-q_hi * sin, dtype), dtype)
+    q2 = _round_to(_round_to(q_hi * cos, dtype) + _round_to(q_lo * sin, dtype), dtype)
+    k_row = row + KV_HEADS * GROUP * HEAD_DIM + g * HEAD_DIM
+    v_row = k_row + KV_HEADS * HEAD_DIM
+    k_lo = tl.load(k_row + d).to(tl.float32)
+    k_hi = tl.load(k_row + half + d).to(tl.float32)
+    k1 = _round_to(_round_to(k_lo * cos, dtype) + _round_to(-k_hi * sin, dtype), dtype)
+    k2 = _round_to(_round_to(k_hi * cos, dtype) + _round_to(k_lo * sin, dtype), dtype)
+    v1 = tl.load(v_row + d).to(tl.float32)
+    v2 = tl.load(v_row + half + d).to(tl.float32)
+    cache_k = k_cache + b * stride_cb + g * stride_ch
+    cache_v = v_cache + b * stride_cb + g * stride_ch
+    tl.store(cache_k + length * stride_cl + d, k1.to(dtype))
+    tl.store(cache_k + length * stride_cl + half + d, k2.to(dtype))
+    tl.store(cache_v + length * stride_cl + d, v1.to(dtype))
+    tl.store(cache_v + length * stride_cl + half + d, v2.to(dtype))
+    # The new token attends to itself first (from registers), then online softmax over the cache.
+    m_i = tl.sum(q1 * k1[None, :] + q2 * k2[None, :], axis=1) * sm_scale
+    l_i = tl.full([GROUP], 1.0, tl.float32)
+    acc1 = tl.broadcast_to(v1[None, :], [GROUP, half])
+    acc2 = tl.broadcast_to(v2[None, :], [GROUP, half])
+    offs_l = tl.arange(0, BLOCK_L)
+    start = (pad // BLOCK_L) * BLOCK_L
+    for l0 in range(start, length, BLOCK_L):
+        slots = l0 + offs_l
+        ok = (slots < length) & (slots >= pad)
+        kp = cache_k + slots[:, None] * stride_cl + d[None, :]
+        vp = cache_v + slots[:, None] * stride_cl + d[None, :]
+        kb1 = tl.load(kp, mask=ok[:, None], other=0.0).to(tl.float32)
+        kb2 = tl.load(kp + half, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.sum(q1[:, None, :] * kb1[None, :, :] + q2[:, None, :] * kb2[None, :, :], axis=2) * sm_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        vb1 = tl.load(vp, mask=ok[:, None], other=0.0).to(tl.float32)
+        vb2 = tl.load(vp + half, mask=ok[:, None], other=0.0).to(tl.float32)
+        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    out_row = out_ptr + b * stride_out + heads[:, None] * HEAD_DIM
+    tl.store(out_row + d[None, :], (acc1 / l_i[:, None]).to(dtype))
+    tl.store(out_row + half + d[None, :], (acc2 / l_i[:, None]).to(dtype))
+
+
+def decode_attention(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    inv_freq: torch.Tensor,
+    length: torch.Tensor,
+    padding: torch.Tensor,
+    num_heads: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per row. `qkv [B, (H + 2 KV) D]`; caches `[B, KV, L, D]` (one layer);
+    `length` (int32 scalar tensor): the new token's cache slot; `padding [B]`: left pad per row.
+
+    Writes the rotated key and the value into slot `length` and returns `[B, H * D]`."""
+    batch, kv_heads, _, head_dim = k_cache.shape
+    group = num_heads // kv_heads
+    if group & (group - 1) or head_dim & (head_dim - 1) or k_cache.stride(3) != 1:
+        raise ValueError(f"decode attention needs power-of-two head groups and head_dim, got {group}, {head_dim}")
+    if out is None:
+        out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_kernel[(batch, kv_heads)](
+        qkv, k_cache, v_cache, out, inv_freq, length, padding,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), head_dim**-0.5,
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=32, num_warps=4,
+    )
+    return out
+
+
+__all__ = [
+    "SCALE_EPS", "check_shape", "decode_attention", "fused_gemv", "layer_weight", "linear", "quantize_rows",
+    "repack", "w2a8_matmul",
+]
