@@ -39,6 +39,9 @@ def generate_tokens(
     # The last token is sampled but never fed back, so it needs no cache slot.
     steps = min(params.max_new_tokens, context - longest + 1)
     batch, device = len(prompt_ids), model.device
+    if device.type == "cuda" and gpu_decoding_available():
+        yield from _generate_tokens_gpu(model, prompt_ids, params, longest, steps)
+        return
 
     cache = KVCache(model.config, batch, longest + steps - 1, device, model.dtype)
     cache.set_padding(torch.tensor([longest - len(ids) for ids in prompt_ids]))
@@ -59,6 +62,59 @@ def generate_tokens(
         yield tokens
         if step + 1 < steps:
             logits = model(tokens[:, None], cache)[:, -1]
+
+
+def gpu_decoding_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _decoder(model: BitNetForCausalLM, batch: int, max_length: int):
+    """The model's `GPUDecoder` for this batch size, reused (with its captured graph) while its cache is long enough."""
+    from bitnet158.generation.gpu_decode import GPUDecoder
+
+    decoder = getattr(model, "_gpu_decoder", None)
+    if decoder is None or decoder.batch != batch or decoder.cache.max_length < max_length:
+        model._gpu_decoder = None  # free the old cache first
+        # Whole multiples of 256 slots, so that slightly longer requests reuse the graph.
+        decoder = GPUDecoder(model, batch, min(-(-max_length // 256) * 256, model.config.max_position_embeddings))
+        model._gpu_decoder = decoder
+    return decoder
+
+
+def _generate_tokens_gpu(
+    model: BitNetForCausalLM, prompt_ids: list[list[int]], params: SamplingParams, longest: int, steps: int
+) -> Iterator[torch.Tensor]:
+    """`generate_tokens` on a CUDA device: the graph-captured decode step of `GPUDecoder`.
+
+    Each step's tokens are copied to the host right after sampling and the next step is queued
+    before the host waits for them, so the GPU never idles while the caller handles text."""
+    batch, device = len(prompt_ids), model.device
+    decoder = _decoder(model, batch, longest + steps - 1)
+    decoder.reset(torch.tensor([longest - len(ids) for ids in prompt_ids]))
+    input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompt_ids):
+            seen[row, ids] = True
+    generator = make_generator(params.seed, device)
+    host = torch.empty(batch, dtype=torch.long, pin_memory=True)
+    copied = torch.cuda.Event()
+
+    tokens = next_token(decoder.prefill(input_ids), params, generator, seen)
+    for step in range(steps):
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        host.copy_(tokens, non_blocking=True)
+        copied.record()
+        if step + 1 < steps:
+            tokens = next_token(decoder.decode(tokens), params, generator, seen)
+        copied.synchronize()
+        yield host.clone()
 
 
 def _generate_pieces(

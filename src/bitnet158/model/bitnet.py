@@ -19,8 +19,9 @@ from bitnet158.errors import UserError
 from bitnet158.model.checkpoint import load_weights, resolve_dtype, save_weights
 from bitnet158.model.config import BitNetConfig
 from bitnet158.model.kv_cache import KVCache
-from bitnet158.nn.bitlinear import BitLinear
+from bitnet158.nn.bitlinear import BitLinear, PackedBitLinear
 from bitnet158.nn.convert import freeze_
+from bitnet158.packing import pack_2bit, unpack_2bit
 
 
 class RMSNorm(nn.Module):
@@ -75,9 +76,14 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fused by `fuse_projections_`
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -98,9 +104,92 @@ class MLP(nn.Module):
         self.relu2 = config.hidden_act == "relu2"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        if hasattr(self, "gate_up_proj"):  # fused by `fuse_projections_`
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.relu(gate).square() if self.relu2 else F.silu(gate)
-        return self.down_proj(self.ffn_sub_norm(gate * self.up_proj(x)))
+        return self.down_proj(self.ffn_sub_norm(gate * up))
+
+
+# Fused projections: one linear for q/k/v and one for gate/up read the input once and launch once.
+# A fused `PackedBitLinear` packs the concatenated ternary codes, with one scale per output row.
+_FUSIONS = (
+    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
+@torch.no_grad()
+def _concat_linears(parts: list[nn.Module]) -> nn.Module:
+    if all(isinstance(p, PackedBitLinear) for p in parts):
+        first = parts[0]
+        fused = PackedBitLinear(first.in_features, sum(p.out_features for p in parts), device=first.weight.device)
+        fused.weight = pack_2bit(torch.cat([unpack_2bit(p.weight, p.out_features) for p in parts]))
+        fused.weight_scale = torch.cat([p.weight_scale.float().expand(p.out_features) for p in parts])
+        return fused
+    if all(type(p) is nn.Linear and p.bias is None for p in parts):
+        first = parts[0]
+        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=False, device="meta")
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        return fused
+    raise TypeError(f"cannot fuse {[type(p).__name__ for p in parts]}")
+
+
+@torch.no_grad()
+def _split_linear(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    parts = []
+    if isinstance(fused, PackedBitLinear):
+        codes = unpack_2bit(fused.weight, fused.out_features).split(sizes)
+        scales = fused.weight_scale.float().expand(fused.out_features).split(sizes)
+        for part_codes, scale in zip(codes, scales, strict=True):
+            layer = PackedBitLinear(fused.in_features, len(part_codes), device=fused.weight.device)
+            layer.weight = pack_2bit(part_codes)
+            layer.weight_scale = scale[:1].clone() if bool((scale == scale[0]).all()) else scale.clone()
+            parts.append(layer)
+        return parts
+    for weight in fused.weight.split(sizes):
+        layer = nn.Linear(fused.in_features, weight.shape[0], bias=False, device="meta")
+        layer.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        parts.append(layer)
+    return parts
+
+
+def fuse_projections_(model: BitNetForCausalLM) -> BitNetForCausalLM:
+    """Replace q/k/v by one `qkv_proj` and gate/up by one `gate_up_proj` in every layer, in place.
+
+    Inference layers only (packed, or plain `nn.Linear`); the outputs are those of the unfused layers.
+    `save_pretrained` still writes the unfused Hugging Face names."""
+    for layer in model.model.layers:
+        for block_name, fused_name, names in _FUSIONS:
+            block = getattr(layer, block_name)
+            if hasattr(block, fused_name):
+                continue
+            setattr(block, fused_name, _concat_linears([getattr(block, n) for n in names]))
+            for name in names:
+                delattr(block, name)
+    return model
+
+
+def unfuse_projections_(model: BitNetForCausalLM) -> BitNetForCausalLM:
+    """Undo `fuse_projections_`, in place."""
+    for layer in model.model.layers:
+        for block_name, fused_name, names in _FUSIONS:
+            block = getattr(layer, block_name)
+            if not hasattr(block, fused_name):
+                continue
+            sizes = _projection_sizes(model.config, names)
+            for name, part in zip(names, _split_linear(getattr(block, fused_name), sizes), strict=True):
+                setattr(block, name, part)
+            delattr(block, fused_name)
+    return model
+
+
+def _projection_sizes(config: BitNetConfig, names: tuple[str, ...]) -> list[int]:
+    if names[0] == "q_proj":
+        kv = config.num_key_value_heads * config.head_dim
+        return [config.num_attention_heads * config.head_dim, kv, kv]
+    return [config.intermediate_size, config.intermediate_size]
 
 
 class DecoderLayer(nn.Module):
@@ -196,7 +285,8 @@ class BitNetForCausalLM(nn.Module):
         if folder.suffix == ".gguf" and folder.is_file():
             from bitnet158.formats.gguf_import import load_gguf  # imports this module
 
-            return load_gguf(folder, device, dtype, progress)
+            model = load_gguf(folder, device, dtype, progress)
+            return fuse_projections_(model) if torch.device(device).type == "cuda" else model
         if not folder.is_dir():
             raise UserError(f"{folder}: no such model folder")
         config = BitNetConfig.from_json(folder / "config.json")
@@ -204,8 +294,17 @@ class BitNetForCausalLM(nn.Module):
         with torch.device("meta"):
             model = freeze_(cls(config))
         load_weights(model, folder, device, resolve_dtype(config, dtype), progress)
+        if device.type == "cuda":  # fused projections on the GPU; the CPU keeps its layers as stored
+            fuse_projections_(model)
         return model.eval()
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write `config.json` and packed safetensors (sharded past `max_shard_bytes`) to `path`."""
-        save_weights(self, Path(path), max_shard_bytes)
+        fused = hasattr(self.model.layers[0].self_attn, "qkv_proj") if len(self.model.layers) else False
+        if fused:  # the files hold Hugging Face's unfused names
+            unfuse_projections_(self)
+        try:
+            save_weights(self, Path(path), max_shard_bytes)
+        finally:
+            if fused:
+                fuse_projections_(self)
