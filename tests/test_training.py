@@ -15,8 +15,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from bitnet158 import BitLinear, BitNetConfig, BitNetForCausalLM, freeze_
 from bitnet158.errors import UserError
 from bitnet158.tokenizer import Tokenizer
+from bitnet158.training.config import TrainConfig
 from bitnet158.training.corpus import BOS, EOS, build_corpus, is_validation
-from bitnet158.training.trainer import TrainConfig, learning_rate, train, use_plain_linears_
+from bitnet158.training.optim import STAGE1_END_RATIO, Schedule
+from bitnet158.training.trainer import Trainer, train, use_plain_linears_
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY_MODEL = {
     "hidden_size": 64,
@@ -108,35 +112,59 @@ def test_tokenizer_files_work_with_the_package_tokenizer(data: Path) -> None:
     )
 
 
-def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
-    assert learning_rate(0, 1.0, warmup=10, total=110) == pytest.approx(0.1)
-    assert learning_rate(9, 1.0, warmup=10, total=110) == pytest.approx(1.0)
-    assert learning_rate(60, 1.0, warmup=10, total=110) == pytest.approx(0.55)
-    assert learning_rate(110, 1.0, warmup=10, total=110) == pytest.approx(0.1)
+def test_schedules_warm_up_then_follow_their_shape() -> None:
+    cosine = Schedule("cosine", 1.0, total=110, warmup=10, min_lr_ratio=0.1)
+    assert cosine.lr_at(0) == pytest.approx(0.1) and cosine.lr_at(9) == pytest.approx(1.0)
+    assert cosine.lr_at(60) == pytest.approx(0.55) and cosine.lr_at(110) == pytest.approx(0.1)
+    linear = Schedule("linear", 1.0, total=110, warmup=10, min_lr_ratio=0.1)
+    assert linear.lr_at(60) == pytest.approx(0.55) and linear.lr_at(35) == pytest.approx(1 - 0.9 * 0.25)
+    constant = Schedule("constant", 1.0, total=110, warmup=10)
+    assert constant.lr_at(4) == pytest.approx(0.5) and constant.lr_at(100) == 1.0
+    assert cosine.weight_decay_at(100) == 0.1  # constant outside two_stage
+
+    # BitNet b1.58: stage 1 decays from the peak, drops abruptly at the split to 2/3 of it, decays again;
+    # weight decay falls from 0.1 to 0 over stage 1 and stays 0 in stage 2.
+    two = Schedule("two_stage", 1.5e-3, total=200, warmup=10, min_lr_ratio=0.1, weight_decay=0.1)
+    assert two.lr_at(9) == pytest.approx(1.5e-3)
+    assert two.lr_at(99) == pytest.approx(1.5e-3 * STAGE1_END_RATIO, rel=1e-3)
+    assert two.lr_at(100) == pytest.approx(1e-3)  # the drop
+    assert two.lr_at(200) == pytest.approx(1e-4)
+    assert two.weight_decay_at(0) == pytest.approx(0.1) and two.weight_decay_at(50) == pytest.approx(0.05)
+    assert two.weight_decay_at(100) == 0 and two.weight_decay_at(150) == 0
+    lrs = [two.lr_at(s) for s in range(10, 200)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # never rises after warm-up
 
 
 def _config(data: Path, model_config: Path, out: Path, **overrides) -> TrainConfig:
-    settings = dict(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=20, device="cpu", seed=0)
-    return TrainConfig(data, model_config, out, **{**settings, **overrides})
+    settings = dict(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, eval_every=20, device="cpu", seed=0,
+                    schedule="cosine", tensorboard=False, log_every=5)
+    return TrainConfig(data=[data], model_config=model_config, out=out, **{**settings, **overrides})
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_packed_model(
     data: Path, model_config: Path, tmp_path: Path
 ) -> None:
-    metrics = train(_config(data, model_config, tmp_path))
+    metrics = train(_config(data, model_config, tmp_path, tensorboard=True))
     history = metrics["history"]
     assert [h["step"] for h in history] == [0, 20, 40]
     assert history[0]["val_loss"] == pytest.approx(math.log(320), abs=0.3)  # untrained: about uniform
     assert history[-1]["val_loss"] < history[0]["val_loss"] - 1.5
     assert metrics["tokens_trained"] == 40 * 8 * 32
 
-    # The checkpoint holds the final master weights: frozen, they must give the saved model's logits.
-    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 40 and state["val_loss"] == history[-1]["val_loss"]
-    torch.load(tmp_path / "checkpoint" / "optimizer.pt", weights_only=True)
+    # Logs: JSONL records for training and validation, TensorBoard event files.
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["val_perplexity"] for r in records if "val_loss" in r] == [h["val_perplexity"] for h in history]
+    assert all(r["tokens_per_s"] > 0 and r["lambda"] == 1.0 for r in records if "loss" in r)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The newest checkpoint holds the final master weights: frozen, they give the exported model's logits.
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_00000020", "step_00000040"]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000040" / "state.json").read_text())
+    assert state["step"] == 40 and state["tokens"] == 40 * 8 * 32
     config = BitNetConfig.from_json(tmp_path / "config.json")
     trained = BitNetForCausalLM(config)
-    master_weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    master_weights = load_file(tmp_path / "checkpoints" / "step_00000040" / "model.safetensors")
     missing, unexpected = trained.load_state_dict(master_weights, strict=False)
     assert missing == ["lm_head.weight"] and unexpected == []  # tied to the embedding
     frozen = freeze_(trained).eval()
@@ -149,6 +177,13 @@ def test_training_lowers_the_loss_and_writes_a_loadable_packed_model(
     assert (tmp_path / "tokenizer_config.json").read_text() == (data / "tokenizer_config.json").read_text()
 
 
+def test_keep_last_and_sgd(data: Path, model_config: Path, tmp_path: Path) -> None:
+    metrics = train(_config(data, model_config, tmp_path, steps=12, eval_every=4, keep_last=2, optimizer="sgd",
+                            lr=0.5, schedule="constant", warmup=0))
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_00000008", "step_00000012"]
+    assert metrics["history"][-1]["val_loss"] < metrics["history"][0]["val_loss"] - 0.5  # SGD trains too
+
+
 def test_bf16_baseline_trains_the_same_network_unquantized(data: Path, model_config: Path, tmp_path: Path) -> None:
     model = BitNetForCausalLM(BitNetConfig(vocab_size=320, **TINY_MODEL))
     before = dict(model.named_parameters())
@@ -159,9 +194,87 @@ def test_bf16_baseline_trains_the_same_network_unquantized(data: Path, model_con
 
     metrics = train(_config(data, model_config, tmp_path, precision="bf16", steps=20, eval_every=20))
     assert metrics["history"][-1]["val_loss"] < metrics["history"][0]["val_loss"] - 1.0
-    weights = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    weights = load_file(tmp_path / "checkpoints" / "step_00000020" / "model.safetensors")
     assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32  # master weights, not packed
     assert not (tmp_path / "config.json").exists()  # not a BitNet checkpoint: from_pretrained would ternarize it
+
+
+def test_grad_accumulation_matches_one_big_batch(data: Path, model_config: Path, tmp_path: Path) -> None:
+    """8 sequences in one micro-batch, or 4 + 4 accumulated: the same step (activation checkpointing on in the
+    second, which must not change the numbers either)."""
+    params = []
+    for name, overrides in (("one", {}), ("accum", {"batch_size": 4, "grad_accum": 2,
+                                                    "activation_checkpointing": True})):
+        trainer = Trainer(_config(data, model_config, tmp_path / name, steps=1, **overrides))
+        record = trainer.train_step()
+        params.append(dict(trainer.model.named_parameters()))
+        assert record["step"] == 1 and not record["skipped"]
+    for name, value in params[0].items():
+        torch.testing.assert_close(params[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_with_a_warning(
+    data: Path, model_config: Path, tmp_path: Path
+) -> None:
+    trainer = Trainer(_config(data, model_config, tmp_path, steps=3))
+    weight = trainer.model.model.layers[0].mlp.up_proj.weight
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    hook = weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.warns(UserWarning, match="step 1: gradient norm is nan; step skipped"):
+        record = trainer.train_step()
+    hook.remove()
+    assert record["skipped"] and trainer.step == 1
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())  # nothing moved
+    assert not trainer.train_step()["skipped"]
+    assert not torch.equal(weight, before["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_lambda_blends_quantization_in(data: Path, model_config: Path) -> None:
+    from bitnet158.quant.fake import fake_quant_activations, fake_quant_ternary
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32, requires_grad=True)
+    q = fake_quant_ternary(w.detach())
+    for strength in (0.0, 0.25, 1.0):
+        blended = fake_quant_ternary(w, torch.tensor(strength))
+        torch.testing.assert_close(blended, w.detach() + strength * (q - w.detach()))
+        (grad,) = torch.autograd.grad(blended.sum(), w)
+        assert torch.equal(grad, torch.ones_like(w))  # straight through at every λ
+    x = torch.randn(4, 32)
+    assert torch.equal(fake_quant_activations(x, strength=torch.tensor(0.0)), x)
+
+    layer = BitLinear(32, 16)
+    assert layer.quant_strength is None and layer.fused is None
+    layer.quant_strength = torch.tensor(0.0)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert "quant_strength" not in layer.state_dict()
+
+
+def test_yaml_config_and_flags(tmp_path: Path, data: Path, model_config: Path) -> None:
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"data: [{data}]\nmodel_config: model.json\nout: out\nsteps: 7\nbetas: [0.8, 0.9]\n"
+                         "compile: off\nlr: 1e-3\n")
+    cfg = TrainConfig.from_sources(yaml_file, steps=9)
+    assert cfg.steps == 9 and cfg.betas == [0.8, 0.9] and cfg.compile == "off" and cfg.lr == 1e-3
+    assert cfg.model_config == tmp_path / "model.json" and cfg.out == tmp_path / "out"  # relative to the YAML
+    assert cfg.data == [data]
+
+    def error(text: str, **flags) -> str:
+        yaml_file.write_text(f"data: [{data}]\nmodel_config: {model_config}\nout: out\n" + text)
+        with pytest.raises(UserError) as info:
+            TrainConfig.from_sources(yaml_file, **flags)
+        return str(info.value)
+
+    assert error("stepz: 3\n") == f"{yaml_file}: unknown field 'stepz' (did you mean steps?)"
+    assert error("steps: three\n") == f"{yaml_file}: field 'steps' must be an integer, got 'three'"
+    assert error("steps: 0\n") == f"{yaml_file}: --steps must be at least 1, got 0"
+    assert error("schedule: wavy\n").endswith("--schedule is 'wavy'; expected one of two_stage, cosine, linear, "
+                                              "constant")
+    assert error("", lr=-1.0) == f"{yaml_file}: --lr must be positive, got -1.0"
+    assert error("steps: [1\n").startswith(f"{yaml_file}: not valid YAML at line")
+    with pytest.raises(UserError, match="no such file"):
+        TrainConfig.from_sources(tmp_path / "missing.yaml")
 
 
 def test_bad_inputs_are_user_errors(data: Path, model_config: Path, tmp_path: Path) -> None:
@@ -177,3 +290,18 @@ def test_bad_inputs_are_user_errors(data: Path, model_config: Path, tmp_path: Pa
         train(_config(data, wrong_vocab, tmp_path))
     with pytest.raises(UserError, match="max_position_embeddings 64 < --seq-len 128"):
         train(_config(data, model_config, tmp_path, seq_len=128))
+    with pytest.raises(UserError, match="nowhere.jsonl: no such file or folder"):
+        train(_config(tmp_path / "nowhere.jsonl", model_config, tmp_path, tokenizer=data))
+
+
+def test_cli_reports_a_bad_field_in_one_line(tmp_path: Path, data: Path, model_config: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "run.yaml").write_text(f"data: [{data}]\nmodel_config: {model_config}\nout: out\nwarmup: -3\n")
+    result = subprocess.run([sys.executable, "-m", "bitnet158", "train", "--config", str(tmp_path / "run.yaml")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    message = f"error: {tmp_path / 'run.yaml'}: --warmup must not be negative, got -3"
+    assert result.stderr.strip().splitlines() == [message]
+    assert "Traceback" not in result.stdout + result.stderr

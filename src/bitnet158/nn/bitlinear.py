@@ -17,10 +17,26 @@ from bitnet158.quant.weights import quantize_ternary
 
 class BitLinear(nn.Linear):
     """A drop-in `nn.Linear` whose weights (ternary, per tensor) and inputs (int8, per token) are
-    fake-quantized, with straight-through gradients to the fp master weights."""
+    fake-quantized, with straight-through gradients to the fp master weights.
+
+    Two attributes the trainer sets (neither is part of the state dict):
+    - `quant_strength`: None (fully quantized), or a 0-dim tensor λ in [0, 1] for a quantization
+      warm-up, `x + λ·(q(x) - x).detach()`; a tensor, so that changing it in place recompiles nothing.
+    - `fused`: None, or a function `(x, weight, bias) -> y` computing the fully quantized layer
+      (λ = 1) in fused kernels, such as `bitnet158.training.triton_bitlinear.bitlinear_train`.
+    """
+
+    quant_strength: torch.Tensor | None = None
+    fused: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fake_quant_activations(x), fake_quant_ternary(self.weight), self.bias)
+        if self.quant_strength is None:
+            if self.fused is not None:
+                return self.fused(x, self.weight, self.bias)
+            return F.linear(fake_quant_activations(x), fake_quant_ternary(self.weight), self.bias)
+        strength = self.quant_strength
+        x = fake_quant_activations(x, strength=strength)
+        return F.linear(x, fake_quant_ternary(self.weight, strength), self.bias)
 
 
 class PackedBitLinear(nn.Module):

@@ -1,110 +1,67 @@
-"""Train a BitNet b1.58 model from scratch with quantization-aware training (QAT).
+"""Quantization-aware training (QAT) of BitNet b1.58 models, from scratch or from a converted fp checkpoint.
 
-The model's `BitLinear` layers keep full-precision master weights and see ternary weights and int8
-activations in the forward pass (straight-through gradients). With `precision="bf16"` the same network
-is trained with plain linear layers instead, as a baseline of the same shape and token budget.
+    trainer = Trainer(TrainConfig(data=[...], model_config=..., out=...))   # or TrainConfig.from_sources(yaml)
+    metrics = trainer.fit()
 
-The loop, in the style of nanoGPT's train.py: random windows of the training tokens; AdamW; linear
-warm-up then cosine decay; bf16 autocast (and torch.compile) on CUDA; gradient clipping; validation
-loss over the whole held-out split every `eval_every` steps, each time with a checkpoint. At the end a
-ternary model is written with `save_pretrained` (packed 2-bit weights) beside its tokenizer files.
+The model's `BitLinear` layers keep fp master weights and see ternary weights and int8 activations in the
+forward pass (straight-through gradients). With `precision="bf16"` the same network trains with plain linear
+layers: the baseline of the same shape and token budget. A run:
+1. tokenizes the data into `out/data/` (see `data.py`) unless given a token folder;
+2. builds the model: from `model_config` with random weights, or from `init_from` (see `from_hf.py`), whose
+   quantization is blended in by a λ warm-up;
+3. trains: per step `grad_accum` micro-batches per process, gradient clipping, a step skipped (with a warning)
+   when the gradients are not finite, learning rate and weight decay from the schedule (`optim.py`);
+4. evaluates every `eval_every` steps, checkpoints (`checkpoints.py`), logs (`monitor.py`);
+5. at the end writes the packed Hugging Face BitNet model (`save_pretrained`) and its tokenizer into `out`.
+`resume=True` continues from the newest checkpoint; in `deterministic` mode the continued run computes exactly
+what the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
+from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from bitnet158.devices import resolve_device
 from bitnet158.errors import UserError
-from bitnet158.files import read_json_object, write_atomically, write_json
+from bitnet158.files import write_json
 from bitnet158.model import BitNetConfig, BitNetForCausalLM
 from bitnet158.nn import BitLinear
-from bitnet158.training.corpus import BOS, EOS, EOT
-from bitnet158.training.data import load_tokens, random_batch, sequential_batches
+from bitnet158.tokenizer import Tokenizer
+from bitnet158.training import checkpoints as ckpt
+from bitnet158.training.config import TrainConfig
+from bitnet158.training.data import (
+    DocumentReader,
+    PackedSequences,
+    expand_paths,
+    load_tokens,
+    prepare_tokens,
+    sequential_batches,
+)
+from bitnet158.training.distributed import World, init_world, set_gradient_sync, shutdown, wrap
+from bitnet158.training.from_hf import calibrate_sub_norms_, load_hf_llama, set_quant_strength_
+from bitnet158.training.monitor import Monitor
+from bitnet158.training.optim import Schedule, make_optimizer, set_step_hyperparameters
 
-PRECISIONS = ("ternary", "bf16")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 INIT_STD = 0.02
-WEIGHT_DECAY = 0.1
-BETAS = (0.9, 0.95)
-GRAD_CLIP = 1.0
-MIN_LR_RATIO = 0.1  # the cosine schedule ends at a tenth of the peak learning rate
-LOG_EVERY = 50
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+EOT = "<|eot_id|>"
+
+__all__ = ["TrainConfig", "Trainer", "evaluate", "train", "use_plain_linears_"]
 
 
-@dataclass
-class TrainConfig:
-    data: Path  # a folder written by `bitnet158.training.corpus.build_corpus`
-    model_config: Path  # a JSON file of BitNetConfig fields; the tokenizer fixes vocab size and special tokens
-    out: Path
-    precision: str = "ternary"
-    steps: int = 1000
-    batch_size: int = 32
-    seq_len: int = 1024
-    lr: float = 1.5e-3
-    warmup: int = 100
-    eval_every: int = 250
-    device: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.data, self.model_config, self.out = Path(self.data), Path(self.model_config), Path(self.out)
-        if self.precision not in PRECISIONS:
-            raise UserError(f"--precision is {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
-        for name in ("steps", "batch_size", "seq_len", "eval_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise UserError(f"--warmup must not be negative, got {self.warmup}")
-        if not self.lr > 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
-
-    def to_dict(self) -> dict:
-        return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(self).items()}
-
-
-def load_tokenizer(data: Path) -> Tokenizer:
-    path = data / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (build the data folder with bitnet158.training.corpus)")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:  # the tokenizers library raises plain Exceptions for malformed files
-        raise UserError(f"{path}: not a valid tokenizer file ({err})") from None
-    for token in (BOS, EOS, EOT):
-        if tokenizer.token_to_id(token) is None:
-            raise UserError(f"{path}: the tokenizer has no {token} token")
-    return tokenizer
-
-
-def model_config(path: Path, tokenizer: Tokenizer, seq_len: int) -> BitNetConfig:
-    """The architecture from `path`, with the vocabulary and special tokens of the tokenizer."""
-    fields = read_json_object(path)
-    vocab_size = tokenizer.get_vocab_size()
-    if fields.get("vocab_size", vocab_size) != vocab_size:
-        raise UserError(f"{path}: vocab_size {fields['vocab_size']} differs from the tokenizer's {vocab_size}")
-    fields = {
-        **fields,
-        "vocab_size": vocab_size,
-        "bos_token_id": tokenizer.token_to_id(BOS),
-        # Plain text ends with <|end_of_text|>, a chat turn with <|eot_id|>: generation stops at either.
-        "eos_token_id": [tokenizer.token_to_id(EOS), tokenizer.token_to_id(EOT)],
-    }
-    config = BitNetConfig.from_dict(fields, source=str(path))
-    if config.max_position_embeddings < seq_len:
-        raise UserError(f"{path}: max_position_embeddings {config.max_position_embeddings} < --seq-len {seq_len}")
-    return config
+# --- model helpers -----------------------------------------------------------------------------------------------
 
 
 def use_plain_linears_(model: nn.Module) -> nn.Module:
@@ -117,21 +74,35 @@ def use_plain_linears_(model: nn.Module) -> nn.Module:
     return model
 
 
-def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+def checkpoint_activations_(model: BitNetForCausalLM) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them."""
+    for layer in model.model.layers:
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward):
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        layer.forward = checkpointed
 
 
-def make_optimizer(model: nn.Module, lr: float, device: torch.device) -> torch.optim.AdamW:
-    # Decay matrices (and the embedding), not norm weights.
-    params = list(model.parameters())  # a tied embedding appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=device.type == "cuda")
+def model_config_from_file(path: Path, tokenizer: Tokenizer, seq_len: int) -> BitNetConfig:
+    """The architecture from a JSON file, with the vocabulary and special tokens of the tokenizer."""
+    from bitnet158.files import read_json_object
+
+    fields = read_json_object(path)
+    vocab_size = tokenizer.vocab_size
+    if fields.get("vocab_size", vocab_size) != vocab_size:
+        raise UserError(f"{path}: vocab_size {fields['vocab_size']} differs from the tokenizer's {vocab_size}")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eot = tokenizer.tokenizer.token_to_id(EOT)
+    if eot is not None and eot not in eos:
+        eos.append(eot)  # plain text ends with EOS, a chat turn with <|eot_id|>: generation stops at either
+    fields = {**fields, "vocab_size": vocab_size, "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": eos if len(eos) > 1 else (eos[0] if eos else None)}  # fmt: skip
+    config = BitNetConfig.from_dict(fields, source=str(path))
+    if config.max_position_embeddings < seq_len:
+        raise UserError(f"{path}: max_position_embeddings {config.max_position_embeddings} < --seq-len {seq_len}")
+    return config
 
 
 def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,105 +110,326 @@ def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device: torch.device, enabled: bool | None = None) -> contextlib.AbstractContextManager:
+    enabled = device.type == "cuda" if enabled is None else enabled
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: np.ndarray, batch_size: int, seq_len: int, device: torch.device) -> float:
-    """Mean next-token loss (nats) over every non-overlapping `seq_len` window of `tokens`."""
-    total, count = 0.0, 0
-    for inputs, targets in sequential_batches(tokens, batch_size, seq_len, device):
-        with autocast(device):
+def evaluate(
+    model: nn.Module,
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    max_batches: int = 0,
+    world: World | None = None,
+    amp: bool | None = None,
+) -> float:
+    """Mean next-token loss (nats) over every non-overlapping `seq_len` window of `tokens` (the first
+    `max_batches` batches when not 0), the batches shared out among the processes of `world`."""
+    world = world or World(device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for index, (inputs, targets) in enumerate(sequential_batches(tokens, batch_size, seq_len, device)):
+        if max_batches and index >= max_batches:
+            break
+        if index % world.size != world.rank:
+            continue
+        with autocast(device, amp):
             logits = model(inputs)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
-    return total / count
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").double()
+        total[1] += targets.numel()
+    world.sum(total)
+    return (total[0] / total[1]).item()
 
 
-def save_checkpoint(folder: Path, model: BitNetForCausalLM, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Master weights (safetensors), optimizer state and a JSON of the step, each file written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tied = model.config.tie_word_embeddings
-    tensors = {
-        name: tensor.detach().cpu().contiguous()
-        for name, tensor in model.state_dict().items()
-        if not (tied and name == "lm_head.weight")
-    }
-    write_atomically(folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    write_atomically(folder / "optimizer.pt", lambda tmp: torch.save(optimizer.state_dict(), tmp))
-    write_json(folder / "state.json", state)  # last, so that it never names a step the other files lack
+# --- the trainer -------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run as `cfg` describes it; `fit()` runs it. See the module docstring."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for determinism
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        self.world = init_world(cfg.device)
+        self.device = self.world.device
+        self.out = Path(cfg.out)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
+        cuda = self.device.type == "cuda"
+        self.amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+
+        self.tokenizer, self.tokenizer_dir = self._tokenizer()
+        self.train_tokens, self.val_tokens = self._data()
+        self.sequences = PackedSequences(self.train_tokens, cfg.seq_len, cfg.seed)
+
+        torch.manual_seed(cfg.seed)
+        model = self._model()
+        if cfg.precision == "bf16":
+            use_plain_linears_(model)
+        model.to(self.device)
+        self.config: BitNetConfig = model.config
+        if int(max(self.train_tokens.max(initial=0), self.val_tokens.max(initial=0))) >= self.config.vocab_size:
+            raise UserError(f"the token files hold ids beyond the model's vocabulary of {self.config.vocab_size}")
+        if cfg.init_from is not None:
+            inputs, _ = self.sequences.batch(0, min(cfg.batch_size, 8), self.device)
+            calibrate_sub_norms_(model, inputs)
+        self.warmup_steps = cfg.quant_warmup_steps if cfg.precision == "ternary" else 0
+        self.fused = self._fused_kernel()
+        if cfg.activation_checkpointing:
+            checkpoint_activations_(model)
+        self.model = model  # unwrapped, for export
+        self.wrapped = wrap(model, self.world, "fsdp" if cfg.distributed == "fsdp" else "ddp")
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+        self.loss_fn = torch.compile(next_token_loss) if use_compile else next_token_loss
+        self.optimizer = make_optimizer(
+            self.wrapped, cfg.optimizer, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.momentum,
+            fused=cuda and cfg.distributed != "fsdp",
+        )  # fmt: skip
+        self.schedule = Schedule(cfg.schedule, cfg.lr, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.weight_decay,
+                                 cfg.lr_stage2, cfg.stage_split)  # fmt: skip
+        self.step = 0
+        self.history: list[dict] = []
+        if cfg.resume:
+            self._resume()
+        self.monitor = Monitor(self.out, cfg.steps, self.step, self.world.is_main, cfg.tensorboard, cfg.progress)
+
+    # --- set-up ---
+
+    def _tokenizer(self) -> tuple[Tokenizer, Path]:
+        cfg = self.cfg
+        if cfg.tokenizer is not None:
+            folder = Path(cfg.tokenizer)
+        elif cfg.init_from is not None:
+            folder = Path(cfg.init_from)
+        elif len(cfg.data) == 1 and Path(cfg.data[0]).is_dir():
+            folder = Path(cfg.data[0])
+        else:
+            raise UserError("no tokenizer: give --tokenizer (a folder with tokenizer.json)")
+        return Tokenizer.from_pretrained(folder), folder
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray]:
+        cfg = self.cfg
+        need = cfg.seq_len + 1
+        if len(cfg.data) == 1 and (Path(cfg.data[0]) / "train.bin").is_file():  # a token folder
+            folder = Path(cfg.data[0])
+            return load_tokens(folder / "train.bin", need), load_tokens(folder / "val.bin", need)
+        reader = DocumentReader(self.tokenizer, cfg.text_field, cfg.messages_field, cfg.text_unit)
+        train_files, val_files = expand_paths(cfg.data), expand_paths(cfg.val_data) if cfg.val_data else []
+        folder = self.out / "data"
+        log = print if self.world.is_main else (lambda _: None)
+        if self.world.is_main:  # one process tokenizes, the others wait and then find the files ready
+            manifest = prepare_tokens(folder, train_files, val_files, cfg.val_percent, self.tokenizer, reader, log)
+        self.world.barrier()
+        if not self.world.is_main:
+            manifest = prepare_tokens(folder, train_files, val_files, cfg.val_percent, self.tokenizer, reader, log)
+        dtype = manifest["dtype"]
+        train = load_tokens(folder / "train.bin", 0, dtype)
+        val = load_tokens(folder / "val.bin", 0, dtype)
+        if len(train) < need:
+            raise UserError(f"{len(train)} training tokens are fewer than one sequence of {need}; "
+                            "give more data or a smaller --seq-len")  # fmt: skip
+        if len(val) < need:
+            raise UserError(f"{len(val)} validation tokens are fewer than one sequence of {need}; "
+                            "raise --val-percent or give --val-data")  # fmt: skip
+        return train, val
+
+    def _model(self) -> BitNetForCausalLM:
+        cfg = self.cfg
+        if cfg.init_from is not None:
+            model = load_hf_llama(Path(cfg.init_from))
+            if model.config.vocab_size < self.tokenizer.vocab_size:
+                raise UserError(f"{cfg.init_from}: vocab_size {model.config.vocab_size} is smaller than the "
+                                f"tokenizer's {self.tokenizer.vocab_size}")  # fmt: skip
+            if model.config.max_position_embeddings < cfg.seq_len:
+                raise UserError(f"{cfg.init_from}: max_position_embeddings {model.config.max_position_embeddings}"
+                                f" < --seq-len {cfg.seq_len}")  # fmt: skip
+            return model
+        config = model_config_from_file(Path(cfg.model_config), self.tokenizer, cfg.seq_len)
+        model = BitNetForCausalLM(config)
+        model.init_weights(INIT_STD)
+        return model
+
+    def _fused_kernel(self):
+        """The Triton training kernels for `BitLinear`, where asked for and available."""
+        cfg = self.cfg
+        if cfg.precision != "ternary" or cfg.fused_kernels == "off" or self.device.type != "cuda":
+            if cfg.fused_kernels == "on" and self.device.type != "cuda":
+                raise UserError("--fused-kernels on needs a CUDA device")
+            return None
+        try:
+            from bitnet158.training.triton_bitlinear import bitlinear_train
+        except ImportError:
+            if cfg.fused_kernels == "on":
+                raise UserError("--fused-kernels on needs Triton (pip install triton)") from None
+            return None
+        return bitlinear_train
+
+    def _set_quantization(self, step: int) -> float:
+        """λ for `step` (a linear warm-up 0 -> 1); at λ = 1 the fused kernels (if any) take over."""
+        if self.cfg.precision != "ternary":
+            return 1.0
+        strength = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        set_quant_strength_(self.model, None if strength >= 1 else strength)
+        for module in self.model.modules():
+            if isinstance(module, BitLinear):
+                module.fused = self.fused if strength >= 1 else None
+        return strength
+
+    def _resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            if self.world.is_main:
+                print(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.out)}; starting from step 0", flush=True)
+            return
+        state = ckpt.load_checkpoint(latest, self.wrapped, self.optimizer, self.config.tie_word_embeddings)
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        if self.world.is_main:
+            print(f"resumed from {latest} (step {self.step})", flush=True)
+
+    # --- the loop ---
+
+    def train_step(self) -> dict:
+        """One optimizer step on global batch `self.step`; returns its log record."""
+        cfg = self.cfg
+        strength = self._set_quantization(self.step)
+        lr, wd = set_step_hyperparameters(self.optimizer, self.schedule, self.step)
+        per_step = cfg.batch_size * cfg.grad_accum * self.world.size
+        losses = []
+        for micro in range(cfg.grad_accum):
+            first = self.step * per_step + (micro * self.world.size + self.world.rank) * cfg.batch_size
+            inputs, targets = self.sequences.batch(first, cfg.batch_size, self.device)
+            set_gradient_sync(self.wrapped, micro == cfg.grad_accum - 1)
+            with autocast(self.device, self.amp):
+                loss = self.loss_fn(self.wrapped, inputs, targets)
+            (loss / cfg.grad_accum).backward()
+            losses.append(loss.detach())
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+        skipped = not math.isfinite(grad_norm)
+        if skipped:
+            # Every process sees the same all-reduced gradients, so all of them skip together.
+            warnings.warn(f"step {self.step + 1}: gradient norm is {grad_norm}; step skipped", stacklevel=2)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = torch.stack(losses).mean().item()
+        return {"step": self.step, "loss": loss, "lr": lr, "weight_decay": wd, "grad_norm": grad_norm,
+                "lambda": strength, "skipped": skipped}  # fmt: skip
+
+    def evaluate(self) -> float:
+        self.wrapped.eval()
+        self._set_quantization(self.step)
+        loss = evaluate(self.wrapped, self.val_tokens, self.cfg.batch_size, self.cfg.seq_len, self.device,
+                        self.cfg.eval_batches, self.world, self.amp)  # fmt: skip
+        self.wrapped.train()
+        return loss
+
+    def save(self) -> None:
+        model_state, optimizer_state = ckpt.gather_state(self.wrapped, self.optimizer)
+        if self.world.is_main:
+            state = {"samples": self.step * self.tokens_per_step // self.cfg.seq_len,
+                     "tokens": self.step * self.tokens_per_step, "history": self.history,
+                     "config": self.config.to_dict(), "train": self.cfg.to_dict()}  # fmt: skip
+            ckpt.save_checkpoint(self.out, self.step, model_state, optimizer_state, state, self.cfg.keep_last,
+                                 self.config.tie_word_embeddings)  # fmt: skip
+        self.world.barrier()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world.size * self.cfg.seq_len
+
+    def fit(self) -> dict:
+        """Train to `cfg.steps`, export the model, and return the run's metrics (also in `metrics.json`)."""
+        try:
+            return self._fit()
+        finally:
+            self.monitor.close()
+            shutdown(self.world)
+
+    def _fit(self) -> dict:
+        cfg, monitor = self.cfg, self.monitor
+        parameters = sum(p.numel() for p in self.model.parameters())
+        monitor.print(f"{cfg.precision} model, {parameters:,} parameters, on {self.device} x {self.world.size}; "
+                      f"steps {self.step}..{cfg.steps} of {self.tokens_per_step:,} tokens")  # fmt: skip
+        save_every = cfg.save_every or cfg.eval_every
+        if self.step == 0:
+            self._validate()
+        self.wrapped.train()
+        start = last_time = time.perf_counter()
+        start_step = last_step = self.step
+        train_loss = None
+        while self.step < cfg.steps:
+            record = self.train_step()
+            train_loss = record["loss"]
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                record["loss"] = self.world.mean(record["loss"])
+                record["tokens"] = self.step * self.tokens_per_step
+                record["tokens_per_s"] = (self.step - last_step) * self.tokens_per_step / (now - last_time)
+                monitor.train_step(record, print_line=True)
+                last_time, last_step = now, self.step
+            else:
+                monitor.advance(self.step)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._validate(train_loss)
+            if self.step % save_every == 0 or self.step == cfg.steps:
+                self.save()
+        seconds = time.perf_counter() - start
+        if self.world.is_main:
+            self._export()
+        metrics = {
+            "precision": cfg.precision,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "processes": self.world.size,
+            "parameters": self.config.num_parameters(),
+            "tokens_trained": cfg.steps * self.tokens_per_step,
+            "seconds": seconds,
+            "tokens_per_s": (cfg.steps - start_step) * self.tokens_per_step / seconds if seconds else None,
+            "val_tokens": (len(self.val_tokens) - 1) // cfg.seq_len * cfg.seq_len,
+            "val_loss": self.history[-1]["val_loss"] if self.history else None,
+            "val_perplexity": self.history[-1]["val_perplexity"] if self.history else None,
+            "train": cfg.to_dict(),
+            "history": self.history,
+        }
+        if self.world.is_main:
+            write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+    def _validate(self, train_loss: float | None = None) -> None:
+        loss = self.evaluate()
+        self.history.append({"step": self.step, "train_loss": train_loss, "val_loss": loss,
+                             "val_perplexity": math.exp(min(loss, 700))})  # fmt: skip
+        self.monitor.validation(self.step, loss)
+
+    def _export(self) -> None:
+        """The packed Hugging Face BitNet model and its tokenizer files, in `out` (ternary runs only: a bf16
+        baseline is not a BitNet model, and `from_pretrained` would ternarize it)."""
+        if self.cfg.precision != "ternary":
+            return
+        latest = ckpt.latest_checkpoint(self.out)
+        model = BitNetForCausalLM(self.config)
+        state = load_file(latest / "model.safetensors")
+        if self.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state)
+        model.save_pretrained(self.out)
+        for name in TOKENIZER_FILES:
+            if (self.tokenizer_dir / name).is_file():
+                shutil.copyfile(self.tokenizer_dir / name, self.out / name)
+        self.monitor.print(f"wrote the packed model to {self.out}")
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as `cfg` says, write the output folder, and return the run's metrics (also in `metrics.json`)."""
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.data)
-    config = model_config(cfg.model_config, tokenizer, cfg.seq_len)
-    train_tokens = load_tokens(cfg.data / "train.bin", cfg.seq_len + 1)
-    val_tokens = load_tokens(cfg.data / "val.bin", cfg.seq_len + 1)
-    if int(max(train_tokens.max(), val_tokens.max())) >= config.vocab_size:
-        raise UserError(f"{cfg.data}: token files hold ids beyond the tokenizer's vocabulary of {config.vocab_size}")
-
-    torch.manual_seed(cfg.seed)
-    model = BitNetForCausalLM(config)
-    if cfg.precision == "bf16":
-        use_plain_linears_(model)
-    model.init_weights(INIT_STD)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, device)
-    loss_fn = torch.compile(next_token_loss) if device.type == "cuda" else next_token_loss
-    batches = torch.Generator().manual_seed(cfg.seed)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    print(f"{cfg.precision} model, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}; "
-          f"{cfg.steps} steps of {tokens_per_step:,} tokens", flush=True)
-
-    history = []
-    train_loss = None  # the last logged training loss
-    start = time.perf_counter()
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_loss = evaluate(model, val_tokens, cfg.batch_size, cfg.seq_len, device)
-            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
-                            "val_perplexity": math.exp(val_loss), "seconds": time.perf_counter() - start})
-            print(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
-            if step > 0:
-                save_checkpoint(cfg.out / "checkpoint", model, optimizer,
-                                {**history[-1], "config": config.to_dict(), "train": cfg.to_dict()})
-        if step == cfg.steps:
-            break
-
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg.lr, cfg.warmup, cfg.steps)
-        inputs, targets = random_batch(train_tokens, cfg.batch_size, cfg.seq_len, batches, device)
-        with autocast(device):
-            loss = loss_fn(model, inputs, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == cfg.steps:
-            train_loss = loss.item()
-            elapsed = time.perf_counter() - start
-            print(f"step {step + 1}: loss {train_loss:.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                  f"{elapsed:.0f} s, {(step + 1) * tokens_per_step / elapsed:,.0f} tokens/s", flush=True)
-
-    seconds = time.perf_counter() - start
-    if cfg.precision == "ternary":
-        model.save_pretrained(cfg.out)
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(cfg.data / name, cfg.out / name)
-    metrics = {
-        "precision": cfg.precision,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "parameters": config.num_parameters(),
-        "tokens_trained": cfg.steps * tokens_per_step,
-        "seconds": seconds,
-        "val_tokens": (len(val_tokens) - 1) // cfg.seq_len * cfg.seq_len,
-        "val_loss": history[-1]["val_loss"],
-        "val_perplexity": history[-1]["val_perplexity"],
-        "train": cfg.to_dict(),
-        "history": history,
-    }
-    write_json(cfg.out / "metrics.json", metrics)
-    return metrics
+    """Run `cfg` and return its metrics."""
+    return Trainer(cfg).fit()
