@@ -403,9 +403,11 @@ def w2a8_matmul(
     out_dtype: torch.dtype = torch.bfloat16,
     bias: torch.Tensor | None = None,
     int_out: bool = False,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
-    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 8, tensor cores above."""
+    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 8, tensor cores above.
+    `config` overrides the block sizes (for tuning): see `_gemv_config` and `_mma_config`."""
     m, kp = codes.shape
     r = weight.shape[0]
     if weight.shape[1] != kp or kp % K_ALIGN or not ROWS_OK(r, out_features):
@@ -416,7 +418,7 @@ def w2a8_matmul(
     w_scale_stride = 0 if weight_scale.numel() == 1 else 1
     bias_arg = bias if bias is not None else weight_scale
     if m <= GEMV_MAX_M:
-        block_r, block_kw, warps = _gemv_config(r, kp // 4)
+        block_r, block_kw, warps = config or _gemv_config(r, kp // 4)
         _gemv_kernel[(triton.cdiv(r, block_r), m)](
             codes.view(torch.int32), x_scale, x_scale, weight.view(torch.int32), weight_scale, bias_arg, out, out,
             r, out_features, kp, kp // 4, kp // 4, 0, out.stride(0), w_scale_stride, 0.0,
@@ -424,7 +426,7 @@ def w2a8_matmul(
             BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
         )
         return out
-    block_m, block_r, block_k, warps, stages = _mma_config(m)
+    block_m, block_r, block_k, warps, stages = config or _mma_config(m)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),)
     _mma_kernel[grid](
         codes, x_scale, code_sums, weight, weight_scale, bias_arg, out,

@@ -1,0 +1,145 @@
+"""W2A8 kernels against cuBLAS bf16 on the four linear shapes of bitnet-b1.58-2B-4T, side by side.
+
+For each shape (N out x K in) and batch M: our W2A8 matmul on int8 activation codes (what Microsoft's
+kernel takes), the same with per-token quantization of bf16 activations in front (`+quant`), and
+cuBLAS bf16 (`F.linear`). Each call is timed alone with CUDA events, after a sleep kernel that keeps
+the GPU busy while the host queues it (so launch cost stays out, as in `triton.testing.do_bench`);
+the table shows medians of REPS calls. Calls rotate over enough weight sets (>= 4, >= 200 MB) that
+no weight is in the 50 MB L2 when it is read. Microsoft's M=1 times are from
+../shared/reference/anchors.md (same card, same method).
+
+    python benchmarks/gpu_kernels.py [--sweep] [OUTPUT_JSON]    (default benchmarks/results/gpu_kernels.json)
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from bitnet158.kernels import gpu
+
+SHAPES = {"qkv": (3840, 2560), "o": (2560, 2560), "gate+up": (13824, 2560), "down": (2560, 6912)}
+MICROSOFT_M1_US = {"qkv": 9.1, "o": 9.0, "gate+up": 12.4, "down": 15.5}
+BATCHES = [1, 16, 64, 2048]
+REPS = 200
+ROTATE_BYTES = 200 * 2**20
+PEAK_TBS = 3.0
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "gpu_kernels.json"
+
+
+def median_us(calls: list, reps: int = REPS) -> float:
+    """Median device time of `calls[i % len(calls)]()`, each call timed alone with events."""
+    for call in calls[:2]:
+        call()  # compile / pick kernels
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        torch.cuda._sleep(20_000)  # ~10 us of GPU work: the next call is queued before the GPU gets to it
+        starts[i].record()
+        calls[i % len(calls)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1000 for s, e in zip(starts, ends, strict=True))
+
+
+def sets_for(nbytes: int) -> int:
+    return max(4, -(-ROTATE_BYTES // nbytes))
+
+
+def random_packed(n: int, k: int) -> torch.Tensor:
+    """Random ternary weights in transformers' packed layout: each 2-bit field 0, 1 or 2."""
+    fields = torch.randint(0, 3, (4, -(-n // 4), k), dtype=torch.uint8, device="cuda")
+    return fields[0] | fields[1] << 2 | fields[2] << 4 | fields[3] << 6
+
+
+def bench_shape(name: str, n: int, k: int, m: int, config=None) -> dict:
+    weight_bytes = n * k // 4
+    weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(weight_bytes))]
+    scale = torch.rand(n, device="cuda") + 0.5
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    codes, x_scale, sums = gpu.quantize_rows(x)
+    ours = median_us([lambda w=w: gpu.w2a8_matmul(codes, x_scale, sums, w, scale, n, config=config) for w in weights])
+    with_quant = median_us([
+        lambda w=w: gpu.w2a8_matmul(*gpu.quantize_rows(x), w, scale, n, config=config) for w in weights
+    ])
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets_for(2 * n * k))]
+    cublas = median_us([lambda w=w: F.linear(x, w) for w in dense])
+    del weights, dense
+    return {
+        "shape": name, "N": n, "K": k, "M": m, "w2a8_us": ours, "w2a8_with_quant_us": with_quant,
+        "cublas_bf16_us": cublas, "speedup_vs_cublas": cublas / ours,
+        "weight_GBps": weight_bytes / ours / 1e3, "share_of_3TBps": weight_bytes / ours / 1e6 / PEAK_TBS,
+        "tops": 2 * m * n * k / ours / 1e6, "microsoft_us": MICROSOFT_M1_US[name] if m == 1 else None,
+    }
+
+
+def _time_config(codes, x_scale, sums, weights, scale, n, config) -> float:
+    return median_us([lambda w=w: gpu.w2a8_matmul(codes, x_scale, sums, w, scale, n, config=config) for w in weights],
+                     reps=60)
+
+
+def sweep() -> None:
+    """Print the time of each block configuration per shape and batch (to pick `_gemv_config` / `_mma_config`)."""
+    gemv = [(br, bkw, w) for br in (1, 2, 4, 8, 16) for bkw in (32, 64, 128) for w in (2, 4, 8) if br * bkw <= 1024]
+    mma = {
+        16: [(16, br, 128, w, s) for br in (16, 32) for w in (4,) for s in (3, 4, 5)] + [(16, 16, 64, 4, 6)],
+        64: [(64, br, bk, w, s) for br in (16, 32) for bk in (64, 128) for w in (4, 8) for s in (3, 4)],
+        2048: [(bm, br, 128, w, s) for bm in (128, 256) for br in (32, 64) for w in (8,) for s in (3, 4)]
+        + [(128, 64, 64, 8, 4), (64, 64, 128, 4, 4)],
+    }
+    for m, configs in [(1, gemv), *mma.items()]:
+        for name, (n, k) in SHAPES.items():
+            weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+            scale = torch.rand(n, device="cuda") + 0.5
+            codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            results = []
+            for config in configs:
+                try:
+                    t = _time_config(codes, x_scale, sums, weights, scale, n, config)
+                except Exception as error:  # noqa: BLE001 - a config that does not compile is just skipped
+                    print(f"  {config}: {type(error).__name__}")
+                    continue
+                results.append((t, config))
+            results.sort()
+            print(f"sweep M={m} {name}: " + ", ".join(f"{c}={t:.2f}" for t, c in results[:4]), flush=True)
+            del weights
+
+
+def main(argv: list[str]) -> None:
+    if "--sweep" in argv:
+        sweep()
+        return
+    output = Path(argv[0]) if argv else DEFAULT_OUTPUT
+    rows = [bench_shape(name, n, k, m) for m in BATCHES for name, (n, k) in SHAPES.items()]
+    header = (f"{'shape':8} {'M':>5} {'W2A8 us':>8} {'+quant':>7} {'cuBLAS':>8} {'x cuBLAS':>8} "
+              f"{'GB/s':>6} {'of 3TB/s':>8} {'MSFT us':>7}")
+    lines = [header]
+    for r in rows:
+        msft = f"{r['microsoft_us']:7.1f}" if r["microsoft_us"] else f"{'':7}"
+        lines.append(f"{r['shape']:8} {r['M']:5} {r['w2a8_us']:8.2f} {r['w2a8_with_quant_us']:7.2f} "
+                     f"{r['cublas_bf16_us']:8.2f} {r['speedup_vs_cublas']:8.2f} {r['weight_GBps']:6.0f} "
+                     f"{r['share_of_3TBps']:8.0%} {msft}")
+    sums = {}
+    for m in BATCHES:
+        part = [r for r in rows if r["M"] == m]
+        sums[m] = {"w2a8_us": sum(r["w2a8_us"] for r in part), "cublas_bf16_us": sum(r["cublas_bf16_us"] for r in part)}
+        lines.append(f"{'sum':8} {m:5} {sums[m]['w2a8_us']:8.2f} {'':7} {sums[m]['cublas_bf16_us']:8.2f} "
+                     f"{sums[m]['cublas_bf16_us'] / sums[m]['w2a8_us']:8.2f}")
+    print("\n".join(lines))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "reps": REPS, "method": "CUDA events per call after a sleep kernel, median; weights rotated over >= 200 MB",
+        "rows": rows, "sums_per_layer": sums, "microsoft_m1_sum_us": sum(MICROSOFT_M1_US.values()),
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
