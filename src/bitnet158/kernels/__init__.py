@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bitnet158.kernels import cpu
 from bitnet158.kernels.reference import ternary_linear, ternary_matmul
 
 if TYPE_CHECKING:
@@ -24,6 +25,8 @@ def bitlinear_forward(layer: PackedBitLinear, x: torch.Tensor) -> torch.Tensor:
         from bitnet158.kernels import gpu
 
         return gpu.linear(layer, x)
+    if x.device.type == "cpu" and cpu.available():  # CPU: native kernels (csrc/, kernels/cpu.py)
+        return cpu.bitlinear_forward(layer, x)
     return ternary_linear(x, layer.weight, layer.weight_scale, layer.out_features, layer.bias)
 
 
