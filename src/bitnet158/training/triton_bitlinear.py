@@ -18,12 +18,32 @@ computed in the same dtype to within bf16 rounding (see tests/test_training_trit
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-SCALE_EPS = 1e-5  # as bitnet158.quant.weights.SCALE_EPS
+EPS = 1e-5  # as bitnet158.quant.weights.SCALE_EPS
+SCALE_EPS = tl.constexpr(EPS)  # the same, for use inside kernels
+
+
+@triton.jit
+def _rint_libdevice(x):
+    return libdevice.rint(x)  # round half to even, as torch.round
+
+
+@triton.jit
+def _rint_portable(x):
+    """Round half to even without libdevice (which Triton's CPU interpreter lacks)."""
+    r = tl.floor(x + 0.5)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for debugging the kernels
+_rint = _rint_portable if INTERPRETING else _rint_libdevice
 
 
 # --- quantization passes -----------------------------------------------------------------------------------------
@@ -46,7 +66,7 @@ def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, BLOCK: tl.constexp
     mask = offs < numel
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.load(scale_ptr)
-    codes = tl.minimum(tl.maximum(libdevice.rint(w * inv), -1.0), 1.0)
+    codes = tl.minimum(tl.maximum(_rint(w * inv), -1.0), 1.0)
     tl.store(codes_ptr + offs, codes.to(tl.int8), mask=mask)
 
 
@@ -60,7 +80,7 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes `[N, K]` and the scale `s = mean|W|` (a 1-element fp32 tensor)."""
     weight = weight.contiguous()
-    scale = weight.float().abs().mean().clamp(min=SCALE_EPS).reshape(1)
+    scale = weight.float().abs().mean().clamp(min=EPS).reshape(1)
     codes = torch.empty(weight.shape, device=weight.device, dtype=torch.int8)
     block = 4096
     _ternary_codes_kernel[(triton.cdiv(weight.numel(), block),)](weight, scale, codes, weight.numel(), BLOCK=block)
@@ -72,6 +92,8 @@ def ternary_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _configs(int8: bool) -> list[triton.Config]:
     block_k = 128 if int8 else 64
+    if INTERPRETING:  # one config: the interpreter cannot benchmark
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=w, num_stages=s)
         for bm, bn, w, s in ((128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4))
@@ -111,10 +133,10 @@ def _forward_kernel(
         kk = k + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)  # fmt: skip
-        xq = tl.minimum(tl.maximum(libdevice.rint(x.to(tl.float32) * inv), -128.0), 127.0).to(tl.int8)
+        xq = tl.minimum(tl.maximum(_rint(x.to(tl.float32) * inv), -128.0), 127.0).to(tl.int8)
         w = tl.load(codes_ptr + rn[None, :] * stride_cn + kk[:, None] * stride_ck,
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)  # fmt: skip
-        acc = tl.dot(xq, w, acc)
+        acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32) * (absmax / 127.0)[:, None] * tl.load(scale_ptr)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -171,7 +193,7 @@ def _grad_weight_kernel(
         dy = (dy.to(tl.float32) * (absmax / 127.0)[None, :]).to(dy_ptr.dtype.element_ty)
         x = tl.load(x_ptr + mm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(mm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        codes = tl.minimum(tl.maximum(libdevice.rint(x.to(tl.float32) * (127.0 / absmax)[:, None]), -128.0), 127.0)
+        codes = tl.minimum(tl.maximum(_rint(x.to(tl.float32) * (127.0 / absmax)[:, None]), -128.0), 127.0)
         acc = tl.dot(dy, codes.to(dy.dtype), acc)
     tl.store(dw_ptr + rn[:, None] * stride_dwn + rk[None, :] * stride_dwk, acc,
              mask=(rn[:, None] < N) & (rk[None, :] < K))  # fmt: skip
