@@ -1,8 +1,10 @@
 """Peak memory and time of loading a packed checkpoint of the 2B4T architecture on the CPU.
 
 Writes a checkpoint with random ternary weights and bf16 embeddings (as Microsoft ships it) with our
-`save_pretrained` into a temporary folder, then loads it with `BitNetForCausalLM.from_pretrained` in a
-fresh Python process per case and reads that process's peak resident set size (VmHWM in
+`save_pretrained` into a temporary folder, and the same model as GGUF (TQ2_0, F16 embeddings, the
+embedded model's tokenizer padded to the vocabulary), then loads each with
+`BitNetForCausalLM.from_pretrained` in a fresh Python process per case and reads that process's
+peak resident set size (VmHWM in
 /proc/self/status: anonymous memory plus the touched pages of memory-mapped files). Each case runs
 REPEATS times; the table shows the highest peak and the median load time. The file was just written
 (and synced), so it is in the page cache: load times are warm-cache times.
@@ -25,13 +27,18 @@ from pathlib import Path
 import torch
 
 from bitnet158 import BitNetConfig, BitNetForCausalLM, PackedBitLinear, freeze_
+from bitnet158.formats.gguf_export import save_gguf
+from bitnet158.tokenizer import Tokenizer
 
 CONFIG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bitnet-b1.58-2B-4T.config.json"
+EMBEDDED = Path(__file__).resolve().parents[1] / "src" / "bitnet158" / "assets" / "embedded"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "load_memory.json"
 MiB = 2**20
 
-# Each case loads the folder in a fresh process: (label, dtype argument of from_pretrained).
-CASES = [("default dtype", None), ("dtype=float32", "float32")]
+# Each case loads a file in a fresh process: (label, file, dtype argument of from_pretrained).
+CASES = [("safetensors, default dtype", "model.safetensors", None),
+         ("safetensors, dtype=float32", "model.safetensors", "float32"),
+         ("gguf tq2_0, default dtype", "model.gguf", None)]
 REPEATS = 3
 
 # Runs in the child process: argv is (folder, dtype or ""); prints one JSON object.
@@ -82,10 +89,10 @@ def write_random_checkpoint(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def measure(folder: Path, dtype: str | None) -> dict:
+def measure(path: Path, dtype: str | None) -> dict:
     runs = [
         json.loads(subprocess.run(
-            [sys.executable, "-c", CHILD, str(folder), dtype or ""], check=True, capture_output=True, text=True
+            [sys.executable, "-c", CHILD, str(path), dtype or ""], check=True, capture_output=True, text=True
         ).stdout)
         for _ in range(REPEATS)
     ]
@@ -107,28 +114,36 @@ def main() -> None:
         folder = Path(tmp)
         started = time.perf_counter()
         write_random_checkpoint(folder)
-        os.sync()  # loading while the kernel still writes the file back is slower and varies
-        print(f"wrote the checkpoint in {time.perf_counter() - started:.1f} s")
-        file_mib = (folder / "model.safetensors").stat().st_size / MiB
-        rows = [{"case": label, "dtype_argument": dtype, **measure(folder, dtype)} for label, dtype in CASES]
-    for row in rows:
-        row["peak_over_file"] = row["peak_rss_mib"] / file_mib
-        row["peak_above_baseline_over_file"] = (row["peak_rss_mib"] - row["baseline_rss_mib"]) / file_mib
+        model = BitNetForCausalLM.from_pretrained(folder)
+        save_gguf(model, Tokenizer.from_pretrained(EMBEDDED), folder / "model.gguf")
+        del model
+        os.sync()  # loading while the kernel still writes the files back is slower and varies
+        print(f"wrote the checkpoints in {time.perf_counter() - started:.1f} s")
+        rows = []
+        for label, file, dtype in CASES:
+            path = folder / file
+            file_mib = path.stat().st_size / MiB
+            row = {"case": label, "file": file, "file_mib": file_mib, "dtype_argument": dtype,
+                   **measure(folder if file.endswith(".safetensors") else path, dtype)}
+            row["peak_over_file"] = row["peak_rss_mib"] / file_mib
+            row["peak_above_baseline_over_file"] = (row["peak_rss_mib"] - row["baseline_rss_mib"]) / file_mib
+            rows.append(row)
 
-    print(f"model.safetensors: {file_mib:.0f} MiB (2B4T architecture, packed ternary, bf16 embeddings)")
-    header = ["case", "model dtype", "load s", "baseline MiB", "peak RSS MiB", "peak / file", "after: anon / file MiB"]
+    print("2B4T architecture, random packed ternary weights; safetensors: bf16 embeddings, gguf: f16")
+    header = ["case", "file MiB", "model dtype", "load s", "baseline MiB", "peak RSS MiB", "peak / file",
+              "(peak - baseline) / file"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for row in rows:
         print(
-            f"{row['case']} | {row['model_dtype']} | {row['load_s']:.2f} | {row['baseline_rss_mib']:.0f} | "
-            f"{row['peak_rss_mib']:.0f} | {row['peak_over_file']:.2f} | "
-            f"{row['anon_after_mib']:.0f} / {row['file_after_mib']:.0f}"
+            f"{row['case']} | {row['file_mib']:.0f} | {row['model_dtype']} | {row['load_s']:.2f} | "
+            f"{row['baseline_rss_mib']:.0f} | {row['peak_rss_mib']:.0f} | {row['peak_over_file']:.2f} | "
+            f"{row['peak_above_baseline_over_file']:.2f}"
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
                "threads": torch.get_num_threads()}
-    output.write_text(json.dumps({"file_mib": file_mib, "machine": machine, "results": rows}, indent=2) + "\n")
+    output.write_text(json.dumps({"machine": machine, "results": rows}, indent=2) + "\n")
     print(f"wrote {output}")
 
 

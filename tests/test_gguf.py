@@ -182,6 +182,33 @@ def test_untied_embeddings_are_refused(make_model, tokenizer, tmp_path: Path):
     assert not (tmp_path / "model.gguf").exists()
 
 
+def test_i2_s_rows_of_partial_blocks_are_stored_as_f16_codes(make_model, tokenizer, tmp_path: Path):
+    shape = {**SHAPE, "hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1, "intermediate_size": 256}
+    model = freeze_(make_model(**shape))
+    path = tmp_path / "model.gguf"
+    save_gguf(model, tokenizer, path, "i2_s")
+    types = {t.name: t.tensor_type for t in open_gguf(path).tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.F16  # rows of 192: not whole 128-value blocks
+    assert types["blk.0.ffn_down.weight"] == 36  # rows of 256
+    loaded = BitNetForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for name, layer in _packed_layers(model).items():
+        assert torch.equal(_packed_layers(loaded)[name].weight, layer.weight), name
+        assert torch.equal(_packed_layers(loaded)[name].weight_scale, layer.weight_scale), name
+
+
+def test_f16_embedding_is_a_copy_on_write_view_of_the_file(packed, tokenizer, tmp_path: Path):
+    path = tmp_path / "model.gguf"
+    save_gguf(packed, tokenizer, path, "tq2_0", "f16")
+    before = path.read_bytes()
+    loaded = BitNetForCausalLM.from_pretrained(path)
+    embedding = loaded.model.embed_tokens.weight
+    assert embedding.dtype == torch.float16
+    assert torch.equal(embedding.float(), packed.model.embed_tokens.weight)
+    embedding.data.zero_()  # the model may write its tensors; the file must not change
+    del loaded, embedding
+    assert path.read_bytes() == before
+
+
 # Broken files: each is a UserError naming the file and, where there is one, the tensor or field.
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.integrations import bitnet as hf_bitnet
 
-from bitnet158.packing import pack_2bit, pack_base3, unpack_2bit, unpack_base3
+from bitnet158.packing import pack_2bit, pack_2bit_rows, pack_base3, unpack_2bit, unpack_base3
 
 
 def random_ternary(*shape: int) -> torch.Tensor:
@@ -21,6 +21,15 @@ def test_2bit_round_trip(shape):
     assert packed.dtype == torch.uint8
     assert packed.shape == (-(-shape[0] // 4), *shape[1:])
     assert torch.equal(unpack_2bit(packed, shape[0]), codes)
+
+
+@pytest.mark.parametrize(("rows", "chunk"), [(1, 1), (9, 2), (13, 5), (100, 7), (101, 64)])
+def test_2bit_packing_a_few_rows_at_a_time_gives_the_same_bytes(rows, chunk):
+    codes = random_ternary(rows, 3)
+    packed = torch.zeros(-(-rows // 4), 3, dtype=torch.uint8)
+    for start in range(0, rows, chunk):
+        pack_2bit_rows(packed, codes[start : start + chunk], start)
+    assert torch.equal(packed, pack_2bit(codes))
 
 
 @pytest.mark.parametrize("rows, cols", [(1, 3), (4, 2), (6, 5), (9, 4)])

@@ -29,14 +29,24 @@ def _check_ternary(codes: torch.Tensor) -> None:
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """Pack ternary codes of shape `[N, ...]` into uint8 `[ceil(N / 4), ...]`."""
     _check_ternary(codes)
-    rows = codes.shape[0]
-    packed_rows = -(-rows // ROWS_PER_BYTE)
-    stored = (codes.to(torch.int16) + 1).to(torch.uint8)
-    packed = torch.zeros((packed_rows, *codes.shape[1:]), dtype=torch.uint8, device=codes.device)
-    for i in range(ROWS_PER_BYTE):
-        block = stored[i * packed_rows : (i + 1) * packed_rows]
-        packed[: block.shape[0]] |= block << (2 * i)
+    packed = torch.zeros((-(-codes.shape[0] // ROWS_PER_BYTE), *codes.shape[1:]), dtype=torch.uint8,
+                         device=codes.device)
+    pack_2bit_rows(packed, codes, 0)
     return packed
+
+
+def pack_2bit_rows(packed: torch.Tensor, codes: torch.Tensor, first_row: int) -> None:
+    """Write the codes of rows `first_row ...` of a tensor into its packed form `packed` (zeroed where
+    not yet written), so that a large tensor can be packed a few rows at a time."""
+    _check_ternary(codes)
+    packed_rows = packed.shape[0]
+    stored = (codes.to(torch.int8) + 1).view(torch.uint8)  # checked above: no overflow
+    done = 0
+    while done < stored.shape[0]:
+        shift, offset = divmod(first_row + done, packed_rows)
+        count = min(packed_rows - offset, stored.shape[0] - done)
+        packed[offset : offset + count] |= stored[done : done + count] << (2 * shift)
+        done += count
 
 
 def unpack_2bit(packed: torch.Tensor, rows: int) -> torch.Tensor:

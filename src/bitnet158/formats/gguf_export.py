@@ -67,12 +67,9 @@ def _plan(model: BitNetForCausalLM, ternary_type: str, embed_type: str) -> Itera
             layer = linears[module_name]
             rows, cols = layer.out_features, layer.in_features
             stored = qtype
-            if qtype == ternary_blocks.I2_S and rows * cols % ternary_blocks.I2_S_BLOCK:
-                raise UserError(f"tensor '{name}' ({rows}x{cols}) cannot be stored as i2_s: it needs a multiple "
-                                f"of {ternary_blocks.I2_S_BLOCK} values")
-            if qtype != ternary_blocks.I2_S and cols % ternary_blocks.row_multiple(qtype):
-                # Rows must be whole 256-value blocks; like llama-quantize, fall back to F16, which holds the
-                # codes exactly (llama.cpp then multiplies with f16 activations instead of 8-bit ones).
+            if cols % ternary_blocks.row_multiple(qtype):
+                # Rows must be whole blocks; like llama-quantize, fall back to F16, which holds the codes
+                # exactly (llama.cpp then multiplies with f16 activations instead of 8-bit ones).
                 stored = GGMLQuantizationType.F16
 
             def encode(layer=layer, stored=stored) -> np.ndarray:

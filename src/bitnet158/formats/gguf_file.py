@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, ReaderTensor
 
 from bitnet158.errors import UserError
-from bitnet158.formats.ternary_blocks import I2_S, nbytes
+from bitnet158.formats.ternary_blocks import I2_S, nbytes, row_multiple
 
 
 class _Reader(GGUFReader):
@@ -39,9 +39,9 @@ class _Reader(GGUFReader):
                 raise ValueError(f"duplicate tensor {name!r}")
             names.add(name)
             n_elements = math.prod(int(d) for d in dims)
-            if len(dims) != 2 or n_elements % 128:
-                raise ValueError(f"I2_S tensor {name!r} has shape {dims.tolist()}")
-            size = nbytes(I2_S, n_elements // int(dims[0]), int(dims[0]))
+            if len(dims) != 2 or int(dims[0]) % row_multiple(I2_S):
+                raise ValueError(f"I2_S tensor {name!r} has shape {dims.tolist()}: rows must be whole 128-value blocks")
+            size = nbytes(I2_S, int(dims[1]), int(dims[0]))
             start = start_offs + int(offset[0])
             data = self.data[start : start + size]
             if data.size != size:
@@ -52,7 +52,9 @@ class _Reader(GGUFReader):
 def open_gguf(path: Path) -> GGUFReader:
     """A memory-mapped reader of `path`; tensors are read only when their `.data` is used."""
     try:
-        return _Reader(path)
+        # Copy-on-write: tensors stored in the model's dtype become writable torch views of the file,
+        # and a write to one never reaches the file.
+        return _Reader(path, mode="c")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except Exception as err:  # gguf reports malformed files with ValueError, IndexError, KeyError, ...

@@ -10,6 +10,7 @@ Q8_0 or Q6_K. Every problem with the file is a `UserError` naming the file and t
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from bitnet158.model.checkpoint import resolve_dtype, set_tensor
 from bitnet158.model.config import BitNetConfig
 from bitnet158.nn.bitlinear import PackedBitLinear
 from bitnet158.nn.convert import freeze_
-from bitnet158.packing import pack_2bit
+from bitnet158.packing import ROWS_PER_BYTE, pack_2bit, pack_2bit_rows
 from bitnet158.quant.weights import quantize_ternary
 from bitnet158.tokenizer import Tokenizer
 
@@ -40,6 +41,12 @@ DENSE_TYPES = (*FLOAT_TYPES, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q6_
 # The dtype that holds the embedding's stored values exactly; dequantized Q8_0/Q6_K values need float32.
 STORED_DTYPES = {GGMLQuantizationType.F16: "float16", GGMLQuantizationType.BF16: "bfloat16"}
 TERNARY_IDS = tuple(int(t) for t in ternary_blocks.TERNARY_TYPES.values())
+# Stored types a torch tensor can view as they are (gguf reads BF16 as raw bytes).
+VIEW_DTYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
+               GGMLQuantizationType.BF16: torch.bfloat16}
+# Tensors are converted and checked this many rows at a time, to bound the scratch memory.
+ROWS_PER_CHUNK = 256
+_LIBC = ctypes.CDLL(None) if hasattr(ctypes.CDLL(None), "malloc_trim") else None
 
 
 def _number(fields: dict[str, Any], key: str, path: Path, kind: type, default: Any = None) -> Any:
@@ -94,16 +101,62 @@ def _check_shape(tensor: ReaderTensor, shape: tuple[int, ...], path: Path) -> No
         raise UserError(f"{path}: tensor '{tensor.name}' has shape {list(found)}, expected {list(shape)}")
 
 
-def _dense(tensor: ReaderTensor, shape: tuple[int, ...], path: Path) -> torch.Tensor:
-    """Float values of an F32/F16/BF16/Q8_0/Q6_K tensor, checked to be finite."""
+def _dense(tensor: ReaderTensor, shape: tuple[int, ...], path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The values of an F32/F16/BF16/Q8_0/Q6_K tensor in `dtype`, checked to be finite.
+
+    A tensor stored in `dtype` stays a view of the memory-mapped file; others are converted a block of
+    rows at a time, so no float32 copy of a whole embedding is ever made.
+    """
     if tensor.tensor_type not in DENSE_TYPES:
         raise UserError(f"{path}: tensor '{tensor.name}' has type {_type_name(tensor)}, expected one of "
                         f"{', '.join(t.name for t in DENSE_TYPES)}")
     _check_shape(tensor, shape, path)
-    values = torch.from_numpy(np.array(gguf_quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
-    if not torch.isfinite(values).all():
-        raise UserError(f"{path}: tensor '{tensor.name}' holds NaN or infinite values")
+    row_count = shape[0] if len(shape) > 1 else 1
+    rows = tensor.data.reshape(row_count, -1)
+    if VIEW_DTYPES.get(tensor.tensor_type) == dtype:
+        values = torch.from_numpy(rows).view(dtype)
+    else:
+        values = torch.empty(row_count, math.prod(shape) // row_count, dtype=dtype)
+        for start in range(0, row_count, ROWS_PER_CHUNK):
+            chunk = gguf_quants.dequantize(rows[start : start + ROWS_PER_CHUNK], tensor.tensor_type)
+            values[start : start + ROWS_PER_CHUNK] = torch.from_numpy(chunk)
+    for start in range(0, row_count, ROWS_PER_CHUNK):
+        if not torch.isfinite(values[start : start + ROWS_PER_CHUNK]).all():
+            raise UserError(f"{path}: tensor '{tensor.name}' holds NaN or infinite values")
     return values.reshape(shape)
+
+
+def _ternary(tensor: ReaderTensor, shape: tuple[int, int], path: Path) -> tuple[torch.Tensor, float]:
+    """`(packed weight, scale)` of a TQ2_0/TQ1_0/I2_S tensor, decoded and packed a chunk of rows at a time.
+
+    The bytes are read from the file rather than through the map: mapped pages would stay in the
+    process's resident memory, and the chunks keep the scratch memory small whatever the tensor's size.
+    """
+    rows, cols = shape
+    qtype = int(tensor.tensor_type)
+    if cols % ternary_blocks.row_multiple(qtype):
+        raise UserError(f"{path}: tensor '{tensor.name}' has rows of {cols} values, not whole "
+                        f"{ternary_blocks.row_multiple(qtype)}-value blocks")
+    row_bytes = ternary_blocks.row_nbytes(qtype, cols)
+    packed = torch.zeros(-(-rows // ROWS_PER_BYTE), cols, dtype=torch.uint8)
+    block_scales: set[float] = set()
+    for start in range(0, rows, ROWS_PER_CHUNK):
+        count = min(ROWS_PER_CHUNK, rows - start)
+        data = np.fromfile(path, dtype=np.uint8, count=count * row_bytes, offset=tensor.data_offset + start * row_bytes)
+        try:
+            codes, scales = ternary_blocks.decode_rows(data, qtype, count, cols)
+        except ternary_blocks.BlockError as err:
+            raise UserError(f"{path}: tensor '{tensor.name}' {err}") from None
+        pack_2bit_rows(packed, torch.from_numpy(codes), start)
+        block_scales |= scales
+    if qtype == ternary_blocks.I2_S:
+        tail = np.fromfile(path, dtype=np.uint8, count=ternary_blocks.I2_S_TAIL,
+                           offset=tensor.data_offset + rows * row_bytes)
+        return packed, ternary_blocks.i2_s_scale(tail)
+    if len(block_scales) > 1:
+        raise UserError(f"{path}: tensor '{tensor.name}' has {len(block_scales)} different block scales: "
+                        "not one per-tensor scale")
+    return packed, block_scales.pop() if block_scales else 1.0
 
 
 def _type_name(tensor: ReaderTensor) -> str:
@@ -127,22 +180,27 @@ def _linear(
         if not (math.isfinite(scale) and scale > 0):
             raise UserError(f"{path}: tensor '{extra.name}' is {scale}, expected a positive finite number")
     if tensor.tensor_type in FLOAT_TYPES:
-        values = _dense(tensor, shape, path)
-        if torch.isin(values, torch.tensor([-1.0, 0.0, 1.0])).all():  # ternary codes stored as floats
-            codes = values.to(torch.int8).numpy()
-        else:  # full-precision weights, as llama.cpp's converter writes them: quantize here
+        values = _dense(tensor, shape, path, torch.float32)
+        if not torch.isin(values, torch.tensor([-1.0, 0.0, 1.0])).all():
+            # Full-precision weights, as llama.cpp's converter writes them: quantize here.
             quantized = quantize_ternary(values * scale)
             return pack_2bit(quantized.codes), quantized.scale
+        packed = pack_2bit(values.to(torch.int8))  # ternary codes stored as floats
     else:
         _check_shape(tensor, shape, path)
-        try:
-            codes, block_scale = ternary_blocks.decode(tensor.data, int(tensor.tensor_type), *shape)
-        except ternary_blocks.BlockError as err:
-            raise UserError(f"{path}: tensor '{name}' {err}") from None
+        packed, block_scale = _ternary(tensor, shape, path)
         scale *= block_scale
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"{path}: tensor '{name}' has scale {scale}, expected a positive finite number")
-    return pack_2bit(torch.from_numpy(codes)), torch.tensor([scale], dtype=torch.float32)
+    return packed, torch.tensor([scale], dtype=torch.float32)
+
+
+def _return_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc only). glibc keeps the freed scratch of
+    each tensor's conversion, interleaved with the weights kept, so without this the process would
+    hold hundreds of MB more than the model by the end of a load."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def load_gguf(
@@ -156,6 +214,8 @@ def load_gguf(
     reader = open_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config(metadata(reader, path), tensors, path)
+    del reader  # its parsed metadata (a large vocabulary) is not needed while the weights load
+    _return_free_memory()
     with torch.device("meta"):
         model = freeze_(BitNetForCausalLM(config))
     dtype = resolve_dtype(config, dtype)
@@ -172,8 +232,9 @@ def load_gguf(
             set_tensor(model, name, weight.to(device))
             set_tensor(model, f"{module_name}.weight_scale", scale.to(device))
         else:
-            values = _dense(tensors[target], tuple(placeholders[name].shape), path)
-            set_tensor(model, name, values.to(device=device, dtype=dtype))
+            values = _dense(tensors[target], tuple(placeholders[name].shape), path, dtype)
+            set_tensor(model, name, values.to(device))
+        _return_free_memory()
         if progress:
             progress(done, len(names))
     model.tie_weights()

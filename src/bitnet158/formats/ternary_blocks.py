@@ -6,7 +6,9 @@
 - I2_S (36), bitnet.cpp only: the whole tensor, row-major, in 128-value blocks of 32 bytes; value
   `j` of a block sits in byte `j % 32` at shift `6 - 2 * (j // 32)`, stored as `t + 1`. After the
   packed data a 32-byte tail whose first 4 bytes are the fp32 per-tensor scale (bitnet.cpp's
-  `quantize_i2_s`).
+  `quantize_i2_s`). Rows must be whole blocks, as bitnet.cpp's dot product reads them.
+
+Every type keeps each row in its own bytes, so a tensor can be decoded a few rows at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ I2_S = 36
 I2_S_BLOCK = 128
 I2_S_TAIL = 32
 TERNARY_TYPES = {"tq2_0": GGMLQuantizationType.TQ2_0, "tq1_0": GGMLQuantizationType.TQ1_0, "i2_s": I2_S}
+BLOCK_CODECS = {GGMLQuantizationType.TQ2_0: gguf_quants.TQ2_0, GGMLQuantizationType.TQ1_0: gguf_quants.TQ1_0}
 
 
 class BlockError(ValueError):
@@ -27,15 +30,20 @@ class BlockError(ValueError):
 
 
 def row_multiple(qtype: int) -> int:
-    """What the row length (TQ types) or the element count (I2_S) must be a multiple of."""
+    """What the row length must be a multiple of."""
     return I2_S_BLOCK if qtype == I2_S else GGML_QUANT_SIZES[GGMLQuantizationType(qtype)][0]
 
 
-def nbytes(qtype: int, rows: int, cols: int) -> int:
+def row_nbytes(qtype: int, cols: int) -> int:
     if qtype == I2_S:
-        return rows * cols // 4 + I2_S_TAIL
+        return cols // 4
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
-    return rows * cols // block * size
+    return cols // block * size
+
+
+def nbytes(qtype: int, rows: int, cols: int) -> int:
+    """Bytes of a whole tensor (I2_S: with its tail)."""
+    return rows * row_nbytes(qtype, cols) + (I2_S_TAIL if qtype == I2_S else 0)
 
 
 def encode(codes: np.ndarray, qtype: int, scale: float) -> np.ndarray:
@@ -52,30 +60,32 @@ def encode(codes: np.ndarray, qtype: int, scale: float) -> np.ndarray:
     return data
 
 
-def decode(data: np.ndarray, qtype: int, rows: int, cols: int) -> tuple[np.ndarray, float]:
-    """`(codes [rows, cols] int8, per-tensor scale)` from one tensor's bytes.
+def decode_rows(data: np.ndarray, qtype: int, rows: int, cols: int) -> tuple[np.ndarray, set[float]]:
+    """`(codes [rows, cols] int8, block scales)` from the bytes of whole rows (I2_S: without the tail).
 
-    For TQ types the scale is the blocks' common `d`; blocks holding only zeros may carry any `d`
-    (llama.cpp's quantizer writes 0 there). Different `d`s are not a per-tensor ternary tensor.
+    The block scales are the TQ blocks' `d`s, leaving out blocks of only zeros (llama.cpp's quantizer
+    writes 0 there); I2_S has none. One tensor must use one `d` to be a per-tensor ternary tensor.
     """
     data = np.asarray(data, dtype=np.uint8).reshape(-1)
-    if data.size != nbytes(qtype, rows, cols):
-        raise BlockError(f"holds {data.size} bytes, expected {nbytes(qtype, rows, cols)}")
+    if cols % row_multiple(qtype) or data.size != rows * row_nbytes(qtype, cols):
+        raise BlockError(f"holds {data.size} bytes for {rows} rows of {cols}, expected whole "
+                         f"{row_multiple(qtype)}-value blocks in {rows * row_nbytes(qtype, cols)} bytes")
     if qtype == I2_S:
-        packed = data[: -I2_S_TAIL].reshape(-1, 1, 32)
-        stored = (packed >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3
+        stored = (data.reshape(-1, 1, 32) >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3
         if (stored == 3).any():
             raise BlockError("holds the 2-bit value 3, which is not a ternary code")
-        codes = (stored.astype(np.int8) - 1).reshape(rows, cols)
-        return codes, float(data[-I2_S_TAIL:][:4].view("<f4")[0])
+        return (stored.astype(np.int8) - 1).reshape(rows, cols), set()
     qtype = GGMLQuantizationType(qtype)
     blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()
     d = blocks[:, -2:].copy().view("<f2").reshape(-1)
-    blocks[:, -2:] = np.array([1.0], dtype="<f2").view(np.uint8)
-    codes = gguf_quants.dequantize(blocks, qtype).reshape(rows, cols)
-    if ((codes != -1) & (codes != 0) & (codes != 1)).any():
+    blocks[:, -2:] = np.array([1.0], dtype="<f2").view(np.uint8)  # d = 1: the values are the codes
+    # All blocks at once: gguf's row-by-row `dequantize` is many times slower.
+    values = BLOCK_CODECS[qtype].dequantize_blocks(blocks)
+    if ((values != -1) & (values != 0) & (values != 1)).any():
         raise BlockError("holds a value that is not a ternary code")
-    used = np.unique(d[np.abs(codes).reshape(d.size, -1).any(axis=1)])
-    if used.size > 1:
-        raise BlockError(f"has {used.size} different block scales: not one per-tensor scale")
-    return codes.astype(np.int8), float(used[0]) if used.size else 1.0
+    return values.astype(np.int8).reshape(rows, cols), {float(x) for x in np.unique(d[values.any(axis=1)])}
+
+
+def i2_s_scale(tail: np.ndarray) -> float:
+    """The per-tensor scale in an I2_S tensor's tail."""
+    return float(np.asarray(tail, dtype=np.uint8)[:4].view("<f4")[0])
