@@ -42,7 +42,8 @@ def test_fused_forward_and_backward_match_the_reference(m: int, k: int, n: int, 
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     assert w.grad.dtype == torch.float32
     if bias:
-        torch.testing.assert_close(b.grad.float(), b_ref.grad, rtol=2e-2, atol=2e-2)
+        # A sum over the rows, returned in bf16: within half a bf16 step of the float32 sum.
+        torch.testing.assert_close(b.grad.float(), b_ref.grad, rtol=1e-2, atol=1e-2 * b_ref.grad.abs().max().item())
 
 
 def test_quantization_passes_are_exact() -> None:

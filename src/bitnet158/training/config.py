@@ -67,7 +67,9 @@ class TrainConfig:
     amp: str = "auto"  # bf16 autocast; auto: on CUDA only
     compile: str = "auto"  # torch.compile; auto: on CUDA only
     activation_checkpointing: bool = False
-    fused_kernels: str = "auto"  # Triton BitLinear forward/backward; auto: on CUDA when Triton is installed
+    # Triton BitLinear forward/backward (on CUDA). auto: off, since on an H100 the torch.compile'd fake quantization
+    # is faster (benchmarks/train_step.py); `on` uses them.
+    fused_kernels: str = "auto"
     distributed: str = "auto"  # under torchrun; auto: DDP
     # --- output, checkpoints, logging -----------------------------------------------------------------------------
     out: Path | None = None

@@ -258,7 +258,7 @@ class Trainer:
     def _fused_kernel(self):
         """The Triton training kernels for `BitLinear`, where asked for and available."""
         cfg = self.cfg
-        if cfg.precision != "ternary" or cfg.fused_kernels == "off" or self.device.type != "cuda":
+        if cfg.precision != "ternary" or cfg.fused_kernels != "on" or self.device.type != "cuda":
             if cfg.fused_kernels == "on" and self.device.type != "cuda":
                 raise UserError("--fused-kernels on needs a CUDA device")
             return None

@@ -2,13 +2,13 @@
 
 The layer computes `y = q8(x) @ q3(W)^T` with straight-through gradients, where `q8` is per-token int8 absmax
 (`x ≈ codes_x · absmax/127`) and `q3` ternary absmean (`W ≈ s · codes_w`, codes in {-1, 0, 1}). Instead of
-materializing fake-quantized copies of `x` and `W` in bf16 (what the reference does), three GEMM kernels
-quantize on the fly:
+materializing fake-quantized copies of `x` and `W` in bf16 (what the reference does), the forward GEMM
+quantizes on the fly:
 - forward, `y = (codes_x @ codes_w^T) · absmax/127 · s`: the `x` tiles are rounded to int8 as they are loaded
   and multiplied by the int8 weight codes on int8 tensor cores (int32 accumulation), the scales applied in the
   epilogue. Before it, one pass over `x` finds each row's absmax, and one pass over `W` writes its codes.
-- backward for `x` (straight through): `dx = (dy @ codes_w) · s`, the codes widened to bf16 in the kernel.
-- backward for `W` (straight through): `dW = dy^T @ q8(x)`, again quantizing `x` tiles as they are loaded.
+- backward (straight through): `dx = dy @ (s · codes_w)` and `dW = dy^T @ q8(x)` on cuBLAS, `q8(x)` made
+  by one Triton pass from the saved `x` and its row absmax.
 Saved for the backward pass: `x` (as `nn.Linear` saves it), the row absmax and the int8 weight codes.
 
 `bitlinear_train(x, weight, bias)` is what `BitLinear.fused` is set to; it is a `torch.library` custom op, so
@@ -68,6 +68,26 @@ def _ternary_codes_kernel(w_ptr, scale_ptr, codes_ptr, numel, BLOCK: tl.constexp
     inv = 1.0 / tl.load(scale_ptr)
     codes = tl.minimum(tl.maximum(_rint(w * inv), -1.0), 1.0)
     tl.store(codes_ptr + offs, codes.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _fake_quant_rows_kernel(x_ptr, absmax_ptr, out_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
+    """out = round(x · 127/absmax) · absmax/127, row by row: q8(x) as the straight-through backward needs it."""
+    row = tl.program_id(0)
+    absmax = tl.load(absmax_ptr + row)
+    for k in range(0, K, BLOCK_K):
+        offs = k + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(_rint(x * (127.0 / absmax)), -128.0), 127.0) * (absmax / 127.0)
+        tl.store(out_ptr + row * stride_om + offs, q.to(out_ptr.dtype.element_ty), mask=offs < K)
+
+
+def fake_quant_rows(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    m, k = x.shape
+    out = torch.empty_like(x)
+    _fake_quant_rows_kernel[(m,)](x, absmax, out, k, x.stride(0), out.stride(0),
+                                  BLOCK_K=min(triton.next_power_of_2(k), 4096), num_warps=4)  # fmt: skip
+    return out
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -144,61 +164,6 @@ def _forward_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))  # fmt: skip
 
 
-@triton.autotune(configs=_configs(int8=False), key=["M", "N", "K"])
-@triton.jit
-def _grad_input_kernel(
-    dy_ptr, codes_ptr, scale_ptr, dx_ptr, M, N, K,
-    stride_dym, stride_dyn, stride_cn, stride_ck, stride_dxm, stride_dxk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """dx[m, k] = sum_n dy[m, n] · codes[n, k] · s  (here BLOCK_N tiles k, the output's columns)."""
-    pid_m, pid_k = _tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for n in range(0, N, BLOCK_K):
-        nn_ = n + rn
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + nn_[None, :] * stride_dyn,
-                     mask=(rm[:, None] < M) & (nn_[None, :] < N), other=0.0)  # fmt: skip
-        w = tl.load(codes_ptr + nn_[:, None] * stride_cn + rk[None, :] * stride_ck,
-                    mask=(nn_[:, None] < N) & (rk[None, :] < K), other=0)  # fmt: skip
-        acc = tl.dot(dy, w.to(dy.dtype), acc)
-    dx = acc * tl.load(scale_ptr)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :] * stride_dxk, dx.to(dx_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))  # fmt: skip
-
-
-@triton.autotune(configs=_configs(int8=False), key=["M", "N", "K"])
-@triton.jit
-def _grad_weight_kernel(
-    dy_ptr, x_ptr, absmax_ptr, dw_ptr, M, N, K,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwn, stride_dwk,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    """dW[n, k] = sum_m dy[m, n] · absmax[m]/127 · round(x[m, k] · 127/absmax[m]).
-
-    Tiles: BLOCK_M over n (output rows), BLOCK_N over k (output columns), BLOCK_K over m (the reduction).
-    The row scale is folded into dy, so the int codes (exact in bf16) meet dy on bf16 tensor cores."""
-    pid_n, pid_k = _tile(N, K, BLOCK_M, BLOCK_N, GROUP_M)
-    rn = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for m in range(0, M, BLOCK_K):
-        mm = m + rm
-        absmax = tl.load(absmax_ptr + mm, mask=mm < M, other=1.0)
-        dy = tl.load(dy_ptr + mm[None, :] * stride_dym + rn[:, None] * stride_dyn,
-                     mask=(mm[None, :] < M) & (rn[:, None] < N), other=0.0)  # fmt: skip
-        dy = (dy.to(tl.float32) * (absmax / 127.0)[None, :]).to(dy_ptr.dtype.element_ty)
-        x = tl.load(x_ptr + mm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(mm[:, None] < M) & (rk[None, :] < K), other=0.0)  # fmt: skip
-        codes = tl.minimum(tl.maximum(_rint(x.to(tl.float32) * (127.0 / absmax)[:, None]), -128.0), 127.0)
-        acc = tl.dot(dy, codes.to(dy.dtype), acc)
-    tl.store(dw_ptr + rn[:, None] * stride_dwn + rk[None, :] * stride_dwk, acc,
-             mask=(rn[:, None] < N) & (rk[None, :] < K))  # fmt: skip
-
-
 def _grid(rows: int, cols: int):
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
@@ -234,19 +199,12 @@ def _(x, weight, bias):
 def _backward(
     dy: torch.Tensor, x: torch.Tensor, absmax: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW) through the straight-through estimator."""
-    dy = dy.contiguous()
-    m, k = x.shape
-    n = codes.shape[0]
-    dx = torch.empty_like(x)
-    _grad_input_kernel[_grid(m, k)](
-        dy, codes, scale, dx, m, n, k, dy.stride(0), dy.stride(1), codes.stride(0), codes.stride(1),
-        dx.stride(0), dx.stride(1),
-    )  # fmt: skip
-    dw = torch.empty(n, k, device=x.device, dtype=torch.float32)
-    _grad_weight_kernel[_grid(n, k)](
-        dy, x, absmax, dw, m, n, k, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
-    )  # fmt: skip
+    """(dx, dW) through the straight-through estimator, on cuBLAS: `dx = dy @ (s · codes_w)` and
+    `dW = dy^T @ q8(x)`. (Triton versions of these two GEMMs quantizing on the fly lost to cuBLAS at training
+    shapes: dW's output is small and its reduction over tokens long.)"""
+    weight_q = codes.to(dy.dtype) * scale.to(dy.dtype)
+    dx = torch.mm(dy, weight_q)
+    dw = torch.mm(dy.t(), fake_quant_rows(x, absmax)).float()
     return dx, dw
 
 
