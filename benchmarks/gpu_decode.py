@@ -84,7 +84,7 @@ def time_step(model: BitNetForCausalLM, reps: int = 200) -> float:
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(20_000)
+        torch.cuda._sleep(400_000)
         start.record()
         decoder.graph.replay()
         end.record()

@@ -3,7 +3,7 @@
 For each shape (N out x K in) and batch M: our W2A8 matmul on int8 activation codes (what Microsoft's
 kernel takes), the same with per-token quantization of bf16 activations in front (`+quant`), and
 cuBLAS bf16 (`F.linear`). Each call is timed alone with CUDA events, after a sleep kernel that keeps
-the GPU busy while the host queues it (so launch cost stays out, as in `triton.testing.do_bench`);
+the GPU busy while the host queues it (~200 us) (so launch cost stays out, as in `triton.testing.do_bench`);
 the table shows medians of REPS calls. Calls rotate over enough weight sets (>= 4, >= 200 MB) that
 no weight is in the 50 MB L2 when it is read. Microsoft's M=1 times are from
 ../shared/reference/anchors.md (same card, same method).
@@ -30,6 +30,7 @@ BATCHES = [1, 16, 64, 2048]
 REPS = 200
 ROTATE_BYTES = 200 * 2**20
 PEAK_TBS = 3.0
+SLEEP_CYCLES = 400_000  # about 200 us at 1.98 GHz, more than the host needs to launch one call
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "gpu_kernels.json"
 
 
@@ -41,7 +42,7 @@ def median_us(calls: list, reps: int = REPS) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        torch.cuda._sleep(20_000)  # ~10 us of GPU work: the next call is queued before the GPU gets to it
+        torch.cuda._sleep(SLEEP_CYCLES)  # GPU busy while the host queues the call: launch cost stays out
         starts[i].record()
         calls[i % len(calls)]()
         ends[i].record()

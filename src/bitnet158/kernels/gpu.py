@@ -17,7 +17,8 @@ sums are exact in int32 (|sum| <= 128 * K < 2^31 for the K we accept); the scale
 once in the epilogue, in the same order as `reference.ternary_linear`.
 
 Activations are quantized per token exactly as `quant.activations.quantize_activations` does
-(`round(x * (127 / absmax))`, round half to even, absmax clamped to 1e-5), optionally fused with the
+(`round(x * (127 / absmax))`, round half to even, absmax clamped to 1e-5; torch evaluates
+`127 / absmax` as `reciprocal(absmax) * 127`, and so do we), optionally fused with the
 RMSNorm that produces them, in `quantize_rows` and in the GEMV's own prologue (`fused_gemv`).
 """
 
@@ -91,7 +92,7 @@ def _norm_stats(x_row, norm_ptr, K, eps, BLOCK: tl.constexpr):
         y = _round_to(w * _round_to(x * inv_rms, dtype), dtype)
         absmax = tl.maximum(absmax, tl.abs(y))
     absmax = tl.maximum(tl.max(absmax, axis=0), 1e-5)
-    return inv_rms, tl.math.div_rn(127.0, absmax), absmax / 127.0
+    return inv_rms, tl.math.div_rn(1.0, absmax) * 127.0, absmax / 127.0
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def _plain_stats(x_row, K, BLOCK: tl.constexpr):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         absmax = tl.maximum(absmax, tl.abs(x))
     absmax = tl.maximum(tl.max(absmax, axis=0), 1e-5)
-    return tl.math.div_rn(127.0, absmax), absmax / 127.0
+    return tl.math.div_rn(1.0, absmax) * 127.0, absmax / 127.0
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet158.errors import UserError
+from bitnet158.kernels import cpu_decode
 from bitnet158.model.checkpoint import load_weights, resolve_dtype, save_weights
 from bitnet158.model.config import BitNetConfig
 from bitnet158.model.kv_cache import KVCache
@@ -160,6 +161,11 @@ def fuse_projections_(model: BitNetForCausalLM) -> BitNetForCausalLM:
 
     Inference layers only (packed, or plain `nn.Linear`); the outputs are those of the unfused layers.
     `save_pretrained` still writes the unfused Hugging Face names."""
+    with torch.inference_mode(False):  # normal tensors even when called under inference mode
+        return _fuse(model)
+
+
+def _fuse(model: BitNetForCausalLM) -> BitNetForCausalLM:
     for layer in model.model.layers:
         for block_name, fused_name, names in _FUSIONS:
             block = getattr(layer, block_name)
@@ -250,6 +256,10 @@ class BitNetForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and input_ids.device.type == "cpu":  # one new token: native CPU decoder, if it applies
+            logits = cpu_decode.decode_step(self, input_ids, cache)
+            if logits is not None:
+                return logits
         seq = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
         if cache is None:
