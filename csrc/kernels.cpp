@@ -156,7 +156,8 @@ void repack_lut(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activation quantization: codes = round_half_even(x * (127 / max(absmax, 1e-5))), as PyTorch computes it.
+// Activation quantization: codes = round_half_even(x * (127 / max(absmax, 1e-5))), as PyTorch computes it:
+// its `int / tensor` is a reciprocal and a product, two roundings, which decide ties like x * inv = 34.5.
 
 static constexpr float kScaleEps = 1e-5f;
 
@@ -164,7 +165,7 @@ static void quantize_row_portable(const float* x, int64_t k, int8_t* codes, floa
   float absmax = 0.0f;
   for (int64_t i = 0; i < k; ++i) absmax = std::max(absmax, std::fabs(x[i]));
   absmax = std::max(absmax, kScaleEps);
-  const float inv = 127.0f / absmax;
+  const float inv = (1.0f / absmax) * 127.0f;  // PyTorch's `127 / t` is `t.reciprocal() * 127`
   int32_t total = 0;
   for (int64_t i = 0; i < k; ++i) {
     float q = std::nearbyint(x[i] * inv);  // the default rounding mode rounds half to even, like torch.round
@@ -189,7 +190,7 @@ static void quantize_row_avx2(const float* x, int64_t k, int8_t* codes, float* s
   for (float lane : lanes) absmax = std::max(absmax, lane);
   for (; i < k; ++i) absmax = std::max(absmax, std::fabs(x[i]));
   absmax = std::max(absmax, kScaleEps);
-  const float inv = 127.0f / absmax;
+  const float inv = (1.0f / absmax) * 127.0f;  // PyTorch's `127 / t` is `t.reciprocal() * 127`
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
   __m256i vsum = _mm256_setzero_si256();
   for (i = 0; i + 8 <= k; i += 8) {

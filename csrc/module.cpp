@@ -17,6 +17,10 @@
 using namespace bitnet158;
 
 static std::mutex g_lock;
+
+namespace bitnet158 {
+std::mutex& kernel_lock() { return g_lock; }
+}  // namespace bitnet158
 static std::vector<int8_t> g_codes;
 static std::vector<float> g_scales;
 static std::vector<int32_t> g_sums;

@@ -17,7 +17,7 @@ namespace bitnet158 {
 
 // How long an idle worker spins before it sleeps: long enough to span the Python work between two
 // kernel calls of one decode step, short enough not to steal a core from PyTorch for long.
-static constexpr auto kSpin = std::chrono::microseconds(300);
+static constexpr auto kSpin = std::chrono::microseconds(100);
 
 ThreadPool& pool() {
   static ThreadPool instance;

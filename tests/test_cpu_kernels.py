@@ -80,6 +80,10 @@ def test_quantization_rounds_half_to_even_like_torch(isa):
     codes, _, _ = cpu.quantize_activations(x)
     assert codes[0, :9].tolist() == [127, 0, 2, 2, 0, -2, -2, 3, 0]
     assert torch.equal(codes[:, :9], quantize_activations(x).codes)
+    # PyTorch scales by (1 / absmax) * 127 (two roundings), not 127 / absmax: here that decides a tie.
+    x = torch.tensor([[16.030385971069336, -4.354711532592773]])
+    assert x[0, 1] * (127 / x[0, 0]) != x[0, 1] * torch.tensor(127.0).div(x[0, 0])
+    assert cpu.quantize_activations(x)[0][0, :2].tolist() == quantize_activations(x).codes[0].tolist() == [127, -34]
     zeros, scales, _ = cpu.quantize_activations(torch.zeros(2, 10))
     assert not zeros.any() and torch.equal(scales, quantize_activations(torch.zeros(2, 10)).scale[:, 0])
 

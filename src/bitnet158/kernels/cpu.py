@@ -127,6 +127,12 @@ def repack(packed: torch.Tensor, out_features: int, style: str) -> torch.Tensor:
 
 def layer_weight(layer: PackedBitLinear, style: str) -> torch.Tensor:
     """`layer`'s weight in `style`'s layout, repacked once and cached on the layer."""
+    if layer.weight.is_inference():  # no version counter to key `repacked`'s cache: key on the tensor itself
+        cache = layer.__dict__.setdefault("_cpu_inference_repacked", {})
+        cached = cache.get(style)
+        if cached is None or cached[0] is not layer.weight:
+            cached = cache[style] = (layer.weight, repack(layer.weight, layer.out_features, style))
+        return cached[1]
     return layer.repacked(LAYOUTS[style], partial(repack, out_features=layer.out_features, style=style))
 
 

@@ -1,0 +1,157 @@
+"""The CPU decode step in native code: one new token per sequence through the whole model in one call.
+
+`decode_step(model, input_ids, cache)` runs what `BitNetForCausalLM.forward` computes for a single new
+token with a `KVCache` (embedding, every layer, final norm, lm_head) in csrc/decode.cpp, with the same
+ternary kernels as `bitlinear_forward` (fused q/k/v and gate/up: each input is quantized once), and
+without Python between layers. It returns None where it does not apply (extension missing or switched
+off, autograd on, a training model, dtypes other than float32/bfloat16), and the model's own forward
+runs instead.
+
+Differences from the PyTorch path: activations stay float32 in every model dtype (a bfloat16 model's
+PyTorch path rounds them to bfloat16), and norms, softmax and RoPE round differently in the last bits,
+which can flip an activation's int8 code now and then: logits agree to float rounding, not bit for bit.
+
+The decoder is built once per model (fused weights in the kernels' layouts, about the size of the
+packed ternary weights, plus float32 copies of the norm weights) and checked against the model's
+weights whenever a new `KVCache` shows up; weights changed in place during one generation are not seen.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from bitnet158.kernels import cpu
+from bitnet158.nn.bitlinear import PackedBitLinear
+from bitnet158.packing import pack_2bit, unpack_2bit
+
+if TYPE_CHECKING:
+    from bitnet158.model import BitNetForCausalLM, KVCache
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _fused(parts: list[PackedBitLinear]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Packed weight, per-row (or single) float32 scales and rows of the parts stacked along the output."""
+    if len(parts) == 1:
+        layer = parts[0]
+        return layer.weight, layer.weight_scale.float().contiguous(), layer.out_features
+    rows = sum(p.out_features for p in parts)
+    weight = pack_2bit(torch.cat([unpack_2bit(p.weight, p.out_features) for p in parts]))
+    scales = torch.cat([p.weight_scale.float().expand(p.out_features) for p in parts])
+    return weight, scales.contiguous(), rows
+
+
+class NativeDecoder:
+    """The native decoder of one model; `step` is one decode step."""
+
+    def __init__(self, model: BitNetForCausalLM) -> None:
+        config = model.config
+        self.relu2 = model.model.layers[0].mlp.relu2
+        self.out_dtype = model.lm_head.weight.dtype
+        self._keep: list[torch.Tensor] = []  # everything the native side points into
+        self._sources = _sources(model)
+        self.key = _key(self._sources)
+
+        def ptr(t: torch.Tensor) -> int:
+            t = t.contiguous()
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def ternary(parts: list[PackedBitLinear]) -> tuple:
+            packed, scales, rows = _fused(parts)
+            style = cpu.choose_style(rows, parts[0].in_features, 1)
+            return (cpu.STYLES.index(style), ptr(cpu.repack(packed, rows, style)), ptr(scales), scales.numel(), rows,
+                    parts[0].in_features)
+
+        layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+            gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+            norms = tuple(ptr(n.weight.detach().float()) for n in (layer.input_layernorm, attn.attn_sub_norm,
+                                                                   layer.post_attention_layernorm, mlp.ffn_sub_norm))
+            layers.append((norms, ternary(qkv), ternary([attn.o_proj]), ternary(gate_up), ternary([mlp.down_proj])))
+        embed, head = model.model.embed_tokens.weight.detach(), model.lm_head.weight.detach()
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+        self.vocab = config.vocab_size
+        self.handle = cpu._cpu.decoder_new(
+            (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+             config.intermediate_size, config.vocab_size, config.rms_norm_eps, model.model.layers[0].mlp.relu2,
+             _DTYPES[embed.dtype], _DTYPES[head.dtype]),
+            (ptr(embed), ptr(head), ptr(model.model.norm.weight.detach().float()), ptr(inv_freq)),
+            layers,
+        )
+        self.last_cache: weakref.ref | None = None  # the cache this decoder last checked the weights for
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits `[batch, 1, vocab]` (the model's dtype) of the tokens `input_ids [batch, 1]`; advances `cache`."""
+        if cache.length + 1 > cache.max_length:
+            raise ValueError(f"{cache.length + 1} tokens do not fit a KV cache of {cache.max_length}")
+        ids = input_ids.reshape(-1)
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        padding = cache.padding
+        if padding.dtype != torch.int64 or not padding.is_contiguous():
+            padding = padding.to(torch.int64).contiguous()
+        batch = ids.shape[0]
+        logits = torch.empty(batch, 1, self.vocab, dtype=torch.float32)
+        cpu._cpu.decoder_step(self.handle, ids.data_ptr(), batch, cache.length, padding.data_ptr(),
+                              cache.keys.data_ptr(), cache.values.data_ptr(), _DTYPES[cache.keys.dtype],
+                              cache.max_length, logits.data_ptr())
+        cache.advance(1)
+        return logits if self.out_dtype == torch.float32 else logits.to(self.out_dtype)
+
+
+def _sources(model: BitNetForCausalLM) -> list[torch.Tensor]:
+    tensors = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight]
+    for module in model.model.layers.modules():
+        if isinstance(module, PackedBitLinear):
+            tensors += [module.weight, module.weight_scale]
+        elif isinstance(module, nn.Module) and hasattr(module, "eps") and hasattr(module, "weight"):
+            tensors.append(module.weight)  # RMSNorm
+    return tensors
+
+
+def _key(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((id(t), t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+
+
+def _model_supported(model: BitNetForCausalLM) -> bool:
+    config = model.config
+    if config.num_attention_heads % config.num_key_value_heads or config.head_dim % 2:
+        return False
+    layers = model.model.layers
+    if not len(layers) or len({layer.mlp.relu2 for layer in layers}) != 1:
+        return False
+    linears = [m for m in layers.modules() if isinstance(m, nn.Linear | PackedBitLinear)]
+    if not all(isinstance(m, PackedBitLinear) and m.bias is None and m.weight.device.type == "cpu" for m in linears):
+        return False  # training layers, biases or another device: the PyTorch path
+    head, embed = model.lm_head, model.model.embed_tokens.weight
+    return (type(head) is nn.Linear and head.bias is None and head.weight.dtype in _DTYPES
+            and embed.dtype in _DTYPES and head.weight.device.type == "cpu" and embed.device.type == "cpu")
+
+
+def decode_step(model: BitNetForCausalLM, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+    """`model(input_ids, cache)` for one new token per row through the native decoder, or None where it
+    does not apply (see the module docstring)."""
+    from bitnet158.model.kv_cache import KVCache  # here: bitnet158.model imports this module
+
+    if not (type(cache) is KVCache and cpu.available() and not torch.is_grad_enabled() and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and input_ids.device.type == "cpu" and cache.keys.device.type == "cpu" and cache.keys.dtype in _DTYPES
+            and cache.keys.is_contiguous()):
+        return None
+    decoder: NativeDecoder | None = model.__dict__.get("_native_decoder")
+    if decoder is None or decoder.last_cache is None or decoder.last_cache() is not cache:
+        # A new generation: check the model (and rebuild if its weights changed) once, not every step.
+        if not _model_supported(model):
+            return None
+        if decoder is None or decoder.key != _key(_sources(model)) or decoder.relu2 != model.model.layers[0].mlp.relu2:
+            decoder = NativeDecoder(model)
+            model.__dict__["_native_decoder"] = decoder
+        decoder.last_cache = weakref.ref(cache)
+    return decoder.step(input_ids, cache)

@@ -1,0 +1,108 @@
+"""The native CPU decode step (bitnet158.kernels.cpu_decode) against the model's PyTorch forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitnet158 import BitNetForCausalLM
+from bitnet158.cli.model_loading import embedded_model_path
+from bitnet158.generation.generate import generate_tokens
+from bitnet158.generation.sampling import SamplingParams
+from bitnet158.kernels import cpu, cpu_decode
+from bitnet158.model import KVCache
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels unavailable: {cpu.IMPORT_ERROR}")
+
+PROMPTS = [[0, 5, 17, 400, 3, 99, 8000], [0, 7, 8, 9]]  # the second is left-padded by 3
+
+
+@pytest.fixture(scope="module")
+def model() -> BitNetForCausalLM:
+    return BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
+
+
+@pytest.fixture(params=["best", "portable"])
+def isa(request):
+    before = cpu.isa()
+    if request.param == "portable":
+        cpu.set_isa("portable")
+    yield request.param
+    cpu.set_isa(before)
+
+
+def _prefilled(model: BitNetForCausalLM, dtype: torch.dtype) -> tuple[KVCache, torch.Tensor]:
+    longest = max(map(len, PROMPTS))
+    cache = KVCache(model.config, len(PROMPTS), 64, "cpu", dtype)
+    cache.set_padding(torch.tensor([longest - len(p) for p in PROMPTS]))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    return cache, model(ids, cache)[:, -1]
+
+
+def _copy(cache: KVCache) -> KVCache:
+    other = KVCache.__new__(KVCache)
+    other.__dict__.update({k: v.clone() if torch.is_tensor(v) else v for k, v in cache.__dict__.items()})
+    return other
+
+
+@torch.inference_mode()
+def test_one_step_matches_the_pytorch_forward(model, isa, monkeypatch):
+    cache, logits = _prefilled(model, torch.float32)
+    native_cache, tokens = _copy(cache), logits.argmax(-1)[:, None]
+    native = cpu_decode.decode_step(model, tokens, native_cache)
+    assert native is not None and native.shape == (2, 1, model.config.vocab_size)
+    monkeypatch.setenv("BITNET158_CPU_KERNELS", "0")  # the model's own forward with the reference kernels
+    expected = model(tokens, cache)
+    assert native_cache.length == cache.length
+    scale = expected.abs().max()
+    assert (native - expected).abs().max() < 1e-5 * scale
+    slot = cache.length - 1
+    for name in ("keys", "values"):
+        ours, theirs = getattr(native_cache, name)[:, :, :, slot], getattr(cache, name)[:, :, :, slot]
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), name
+
+
+def test_greedy_generation_is_unchanged(model, monkeypatch):
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    native = torch.stack(list(generate_tokens(model, PROMPTS, params)))
+    assert model.__dict__.get("_native_decoder") is not None  # the native decoder ran
+    monkeypatch.setenv("BITNET158_CPU_KERNELS", "0")
+    assert torch.equal(native, torch.stack(list(generate_tokens(model, PROMPTS, params))))
+
+
+@torch.inference_mode()
+def test_bfloat16_model_decodes_close_to_its_pytorch_path(monkeypatch):
+    model = BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.bfloat16)
+    cache, logits = _prefilled(model, torch.bfloat16)
+    native_cache, tokens = _copy(cache), logits.argmax(-1)[:, None]
+    native = cpu_decode.decode_step(model, tokens, native_cache)
+    assert native.dtype == torch.bfloat16
+    monkeypatch.setenv("BITNET158_CPU_KERNELS", "0")
+    expected = model(tokens, cache).float()
+    # The PyTorch path rounds activations to bfloat16 at every op, the native one keeps float32.
+    assert (native.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_falls_back_where_it_does_not_apply(model):
+    cache, _ = _prefilled(model, torch.float32) if False else (KVCache(model.config, 1, 8), None)
+    token = torch.tensor([[5]])
+    with torch.enable_grad():  # autograd wants the PyTorch graph
+        assert cpu_decode.decode_step(model, token, cache) is None
+    with torch.no_grad():
+        assert cpu_decode.decode_step(model, torch.tensor([[5, 6]]), cache) is None  # not one token
+        assert cpu_decode.decode_step(model, token, object()) is None  # not a KVCache (the server's slots)
+        with pytest.raises(IndexError, match="vocabulary"):
+            cpu_decode.decode_step(model, torch.tensor([[model.config.vocab_size]]), cache)
+
+
+@torch.inference_mode()
+def test_new_weights_rebuild_the_decoder():
+    model = BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
+    cache, logits = _prefilled(model, torch.float32)
+    tokens = logits.argmax(-1)[:, None]
+    before = cpu_decode.decode_step(model, tokens, _copy(cache))
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.inference_mode(False):
+        layer.set_weight(torch.randn(layer.out_features, layer.in_features))
+    after = cpu_decode.decode_step(model, tokens, _copy(cache))  # a new cache: the weights are checked
+    assert not torch.allclose(before, after)
