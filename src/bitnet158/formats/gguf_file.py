@@ -52,9 +52,7 @@ class _Reader(GGUFReader):
 def open_gguf(path: Path) -> GGUFReader:
     """A memory-mapped reader of `path`; tensors are read only when their `.data` is used."""
     try:
-        # Copy-on-write: tensors stored in the model's dtype become writable torch views of the file,
-        # and a write to one never reaches the file.
-        return _Reader(path, mode="c")
+        return _Reader(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except Exception as err:  # gguf reports malformed files with ValueError, IndexError, KeyError, ...

@@ -14,11 +14,11 @@ import ctypes
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from bitnet158.errors import UserError
@@ -45,7 +45,7 @@ TERNARY_IDS = tuple(int(t) for t in ternary_blocks.TERNARY_TYPES.values())
 VIEW_DTYPES = {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.F16: torch.float16,
                GGMLQuantizationType.BF16: torch.bfloat16}
 # Tensors are converted and checked this many rows at a time, to bound the scratch memory.
-ROWS_PER_CHUNK = 256
+ROWS_PER_CHUNK = 128
 _LIBC = ctypes.CDLL(None) if hasattr(ctypes.CDLL(None), "malloc_trim") else None
 
 
@@ -58,13 +58,39 @@ def _number(fields: dict[str, Any], key: str, path: Path, kind: type, default: A
     return kind(value)
 
 
-def _config(fields: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) -> BitNetConfig:
+class _Tensor(NamedTuple):
+    """A tensor of the file in plain values, so that gguf's reader (whose parsing objects pin much
+    memory) can be freed before the weights load."""
+
+    name: str
+    tensor_type: int
+    shape: tuple[int, ...]  # rows first, as the values are laid out
+    offset: int
+    data: np.ndarray  # its bytes, in a copy-on-write map of the file
+
+
+def _tensors(path: Path) -> tuple[dict[str, _Tensor], dict[str, Any]]:
+    """The file's tensors and metadata. The map is copy-on-write: tensors stored in the model's dtype
+    become writable torch views of the file, and a write to one never reaches the file."""
+    reader = open_gguf(path)
+    fields = metadata(reader, path)
+    found = [(t.name, int(t.tensor_type), tuple(int(d) for d in reversed(t.shape)), int(t.data_offset), int(t.n_bytes))
+             for t in reader.tensors]
+    del reader
+    _return_free_memory()
+    file_map = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = {name: _Tensor(name, qtype, shape, offset, file_map[offset : offset + size])
+               for name, qtype, shape, offset, size in found}
+    return tensors, fields
+
+
+def _config(fields: dict[str, Any], tensors: dict[str, _Tensor], path: Path) -> BitNetConfig:
     if fields.get("general.architecture") != ARCH:
         raise UserError(f"{path}: architecture {fields.get('general.architecture')!r} is not '{ARCH}'")
     embed = tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2:
         raise UserError(f"{path}: no two-dimensional tensor 'token_embd.weight'")
-    hidden, vocab = (int(d) for d in embed.shape)
+    vocab, hidden = embed.shape
     layers = _number(fields, f"{ARCH}.block_count", path, int)
     if layers * len(PER_LAYER) > len(tensors):
         raise UserError(f"{path}: field '{ARCH}.block_count' is {layers}, but the file holds {len(tensors)} tensors")
@@ -95,13 +121,12 @@ def _config(fields: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path
     return BitNetConfig.from_dict(values, source=str(path))
 
 
-def _check_shape(tensor: ReaderTensor, shape: tuple[int, ...], path: Path) -> None:
-    found = tuple(int(d) for d in reversed(tensor.shape))
-    if found != shape:
-        raise UserError(f"{path}: tensor '{tensor.name}' has shape {list(found)}, expected {list(shape)}")
+def _check_shape(tensor: _Tensor, shape: tuple[int, ...], path: Path) -> None:
+    if tensor.shape != shape:
+        raise UserError(f"{path}: tensor '{tensor.name}' has shape {list(tensor.shape)}, expected {list(shape)}")
 
 
-def _dense(tensor: ReaderTensor, shape: tuple[int, ...], path: Path, dtype: torch.dtype) -> torch.Tensor:
+def _dense(tensor: _Tensor, shape: tuple[int, ...], path: Path, dtype: torch.dtype) -> torch.Tensor:
     """The values of an F32/F16/BF16/Q8_0/Q6_K tensor in `dtype`, checked to be finite.
 
     A tensor stored in `dtype` stays a view of the memory-mapped file; others are converted a block of
@@ -126,7 +151,7 @@ def _dense(tensor: ReaderTensor, shape: tuple[int, ...], path: Path, dtype: torc
     return values.reshape(shape)
 
 
-def _ternary(tensor: ReaderTensor, shape: tuple[int, int], path: Path) -> tuple[torch.Tensor, float]:
+def _ternary(tensor: _Tensor, shape: tuple[int, int], path: Path) -> tuple[torch.Tensor, float]:
     """`(packed weight, scale)` of a TQ2_0/TQ1_0/I2_S tensor, decoded and packed a chunk of rows at a time.
 
     The bytes are read from the file rather than through the map: mapped pages would stay in the
@@ -142,7 +167,7 @@ def _ternary(tensor: ReaderTensor, shape: tuple[int, int], path: Path) -> tuple[
     block_scales: set[float] = set()
     for start in range(0, rows, ROWS_PER_CHUNK):
         count = min(ROWS_PER_CHUNK, rows - start)
-        data = np.fromfile(path, dtype=np.uint8, count=count * row_bytes, offset=tensor.data_offset + start * row_bytes)
+        data = np.fromfile(path, dtype=np.uint8, count=count * row_bytes, offset=tensor.offset + start * row_bytes)
         try:
             codes, scales = ternary_blocks.decode_rows(data, qtype, count, cols)
         except ternary_blocks.BlockError as err:
@@ -151,7 +176,7 @@ def _ternary(tensor: ReaderTensor, shape: tuple[int, int], path: Path) -> tuple[
         block_scales |= scales
     if qtype == ternary_blocks.I2_S:
         tail = np.fromfile(path, dtype=np.uint8, count=ternary_blocks.I2_S_TAIL,
-                           offset=tensor.data_offset + rows * row_bytes)
+                           offset=tensor.offset + rows * row_bytes)
         return packed, ternary_blocks.i2_s_scale(tail)
     if len(block_scales) > 1:
         raise UserError(f"{path}: tensor '{tensor.name}' has {len(block_scales)} different block scales: "
@@ -159,12 +184,12 @@ def _ternary(tensor: ReaderTensor, shape: tuple[int, int], path: Path) -> tuple[
     return packed, block_scales.pop() if block_scales else 1.0
 
 
-def _type_name(tensor: ReaderTensor) -> str:
+def _type_name(tensor: _Tensor) -> str:
     return "I2_S" if tensor.tensor_type == ternary_blocks.I2_S else GGMLQuantizationType(tensor.tensor_type).name
 
 
 def _linear(
-    tensors: dict[str, ReaderTensor], name: str, layer: PackedBitLinear, path: Path
+    tensors: dict[str, _Tensor], name: str, layer: PackedBitLinear, path: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(packed weight, scale s)` of one linear layer."""
     tensor = tensors[name]
@@ -174,9 +199,9 @@ def _linear(
     extra = tensors.get(scale_name(name))
     scale = 1.0
     if extra is not None:
-        if extra.tensor_type != GGMLQuantizationType.F32 or extra.n_elements != 1:
+        if extra.tensor_type != GGMLQuantizationType.F32 or math.prod(extra.shape) != 1:
             raise UserError(f"{path}: tensor '{extra.name}' must be one F32 value")
-        scale = float(extra.data.reshape(-1)[0])
+        scale = float(extra.data.view("<f4")[0])
         if not (math.isfinite(scale) and scale > 0):
             raise UserError(f"{path}: tensor '{extra.name}' is {scale}, expected a positive finite number")
     if tensor.tensor_type in FLOAT_TYPES:
@@ -211,11 +236,9 @@ def load_gguf(
 ) -> BitNetForCausalLM:
     """A packed inference model from a `bitnet` GGUF file (see `BitNetForCausalLM.from_pretrained`)."""
     path, device = Path(path), torch.device(device)
-    reader = open_gguf(path)
-    tensors = {t.name: t for t in reader.tensors}
-    config = _config(metadata(reader, path), tensors, path)
-    del reader  # its parsed metadata (a large vocabulary) is not needed while the weights load
-    _return_free_memory()
+    tensors, fields = _tensors(path)
+    config = _config(fields, tensors, path)
+    del fields  # a large vocabulary, not needed while the weights load
     with torch.device("meta"):
         model = freeze_(BitNetForCausalLM(config))
     dtype = resolve_dtype(config, dtype)
