@@ -166,3 +166,9 @@ def test_repacked_weight_is_built_once_and_rebuilt_when_the_weight_changes():
     assert layer.repacked("copy", repack) is first and len(calls) == 1
     layer.set_weight(torch.randn(12, 8))
     assert torch.equal(layer.repacked("copy", repack), layer.weight) and len(calls) == 2
+
+
+def test_repacked_works_for_weights_made_in_inference_mode():
+    with torch.inference_mode():
+        layer = PackedBitLinear.from_linear(torch.nn.Linear(8, 12, bias=False))
+    assert torch.equal(layer.repacked("copy", torch.clone), layer.weight)

@@ -84,7 +84,9 @@ class PackedBitLinear(nn.Module):
 
     def repacked(self, layout: str, repack: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`repack(self.weight)` in a kernel's own layout, computed once and kept until the weight changes."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        # Inference tensors (made under torch.inference_mode) have no version counter; they cannot change.
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (self.weight.data_ptr(), version, self.weight.device)
         cached = self._repacked.get(layout)
         if cached is None or cached[0] != key:
             cached = (key, repack(self.weight))
