@@ -18,6 +18,7 @@ from bitnet158.cli.train import train
 from bitnet158.devices import resolve_device
 from bitnet158.errors import UserError
 from bitnet158.generation import SamplingParams, stream
+from bitnet158.kernels import cpu as cpu_kernels
 from bitnet158.model.checkpoint import checkpoint_files
 
 app = typer.Typer(
@@ -39,6 +40,9 @@ Temperature = Annotated[float, typer.Option("--temperature", help="0 for greedy 
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed for sampling.")]
+Threads = Annotated[int | None, typer.Option(
+    "--threads", min=1, show_default=False,
+    help="CPU threads for the kernels (default: $BITNET158_THREADS, else every CPU this process may use).")]
 
 
 def _write(piece: str) -> None:
@@ -56,8 +60,10 @@ def generate(
     top_k: TopK = 0,
     top_p: TopP = 1.0,
     seed: Seed = None,
+    threads: Threads = None,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
+    cpu_kernels.configure_threads(threads)
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
     if not prompt:
@@ -81,8 +87,10 @@ def chat(
     top_k: TopK = 0,
     top_p: TopP = 0.95,
     seed: Seed = None,
+    threads: Threads = None,
 ) -> None:
     """Talk with the model, turn by turn, with its chat template. End with Ctrl-D or /exit."""
+    cpu_kernels.configure_threads(threads)
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
@@ -139,6 +147,7 @@ def info(model: ModelOption = None, device: DeviceOption = "cpu") -> None:
         ("all parameters", f"{8 * disk_bytes / total_params:.2f} bits per parameter on disk"),
         ("bytes on disk", f"{disk_bytes:,} ({disk_bytes / 2**20:.1f} MiB)"),
         ("bytes in memory", f"{memory_bytes:,} ({memory_bytes / 2**20:.1f} MiB, {lm.dtype} on {lm.device})"),
+        ("CPU kernels", cpu_kernels.describe()),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -22,14 +22,20 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Requests decoded together (one KV-cache slot each).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more are answered 429.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option(
+        min=1, show_default=False,
+        help="CPU threads for the kernels (default: $BITNET158_THREADS, else every CPU this process may use).")]
+    = None,
 ) -> None:
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /metrics, a chat page at /."""
     import uvicorn  # the serve extra; imported here so the other commands work without it
 
     from bitnet158.cli.model_loading import embedded_model_path, load_model
     from bitnet158.devices import resolve_device
+    from bitnet158.kernels import cpu
     from bitnet158.serve import create_app
 
+    cpu.configure_threads(threads)
     if max_batch < 1 or max_queue < 0:
         raise UserError("--max-batch must be at least 1 and --max-queue at least 0")
     lm, tokenizer = load_model(model, resolve_device(device))

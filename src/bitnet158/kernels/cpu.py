@@ -63,6 +63,15 @@ def set_threads(threads: int) -> None:
         _cpu.set_threads(threads)
 
 
+def configure_threads(threads: int | None) -> None:
+    """The CLI's `--threads`: native kernel threads and PyTorch's intra-op threads (None: leave the
+    defaults, BITNET158_THREADS or every CPU this process may use)."""
+    if threads is None:
+        return
+    set_threads(threads)
+    torch.set_num_threads(threads)
+
+
 def get_threads() -> int:
     return _cpu.threads() if _cpu is not None else 1
 
