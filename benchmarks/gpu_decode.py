@@ -76,6 +76,7 @@ def time_generation(model: BitNetForCausalLM, prompt: list[int]) -> dict:
             "decode_tok_s": (count - 1) / (end - first), "end_to_end_tok_s": count / (end - start)}
 
 
+@torch.inference_mode()  # the decoder's buffers were made in inference mode
 def time_step(model: BitNetForCausalLM, reps: int = 200) -> float:
     """Median time of one graph replay of the decode step (microseconds), events around each replay."""
     decoder = model._gpu_decoder

@@ -26,7 +26,7 @@ def test_ternary_matmul_on_gpu_is_exact(m: int, k: int, n: int):
 
 
 def test_embedded_model_logits_on_gpu_match_cpu(assert_logits_match):
-    cpu = BitNetForCausalLM.from_pretrained(embedded_model_path())
+    cpu = BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
     gpu = BitNetForCausalLM.from_pretrained(embedded_model_path(), device="cuda", dtype=torch.float32)
     ids = torch.randint(0, cpu.config.vocab_size, (2, 37))
     with torch.no_grad():

@@ -376,22 +376,21 @@ def quantize_rows(
     return codes, scale, sums
 
 
-# (BLOCK_R, BLOCK_KW, num_warps) of the GEMV by K: tuned on the H100 for the 2B4T shapes.
+# Block sizes picked by `benchmarks/gpu_kernels.py --sweep` on the H100 for the 2B4T shapes.
 def _gemv_config(r: int, kw: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_KW, num_warps): one packed row per program is fastest except for very tall weights."""
     if r >= 2048:
-        return 8, 64, 4
-    return 4, 64, 4
+        return 2, 128, 2
+    return 1, 128, 4
 
 
 def _mma_config(m: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages)."""
     if m <= 16:
-        return 16, 16, 128, 4, 4
+        return 16, 32, 128, 4, 4
     if m <= 64:
-        return 64, 16, 128, 4, 4
-    if m <= 256:
-        return 64, 32, 128, 4, 3
-    return 128, 64, 128, 8, 3
+        return 64, 16, 128, 4, 3
+    return 128, 32, 128, 8, 4
 
 
 def w2a8_matmul(
