@@ -56,8 +56,9 @@ def test_two_processes_match_one(kind: str, run_config: Path, tmp_path: Path) ->
     metrics = json.loads((tmp_path / kind / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_trained"] == reference["tokens_trained"]
     # Each process trains on its half of every global batch of 4 sequences; the averaged gradients, and so
-    # the losses, are those of one process (up to the order of floating-point sums).
-    assert _losses(tmp_path / kind) == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    # the losses, are those of one process, up to the order of floating-point sums (float32 on the CPU;
+    # on GPUs under bf16 autocast, where the two runs agree to about 5e-4).
+    assert _losses(tmp_path / kind) == pytest.approx(_losses(tmp_path / "one"), rel=1e-4 if device == "cpu" else 2e-3)
     assert len(_losses(tmp_path / "one")) == 6 + 3  # every step, and validation at steps 0, 3 and 6
     # The checkpoint is whole (not sharded) and the exported model loads.
     assert (tmp_path / kind / "config.json").is_file()
