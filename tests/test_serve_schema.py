@@ -28,9 +28,11 @@ def server_url() -> Iterator[str]:
 
 
 def _bound(case) -> None:
-    """Cap generated generation requests at a few tokens and, where valid, name the served model."""
+    """Cap generated generation requests at a few tokens and, where valid, name the served model.
+    Values below the schema's minimum stay as they are: the server must refuse them."""
     if case.path in GENERATION_PATHS and isinstance(case.body, dict):
-        if case.body.get("max_tokens") is None or type(case.body["max_tokens"]) is int:
+        max_tokens = case.body.get("max_tokens")
+        if max_tokens is None or type(max_tokens) is int and max_tokens > MAX_TOKENS:
             case.body["max_tokens"] = MAX_TOKENS
         if isinstance(case.body.get("model"), str):
             case.body["model"] = MODEL
