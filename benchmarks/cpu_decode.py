@@ -11,6 +11,10 @@ model also runs in float32, as the CLI loads it on the CPU.
 Both sides decode the same number of new tokens greedily after the same prompt with the same number of
 threads; tokens/s counts decode steps only (the first token, which needs the prompt's prefill, is not
 timed). Runs alternate between the two, and the table shows the median of REPEATS runs.
+
+The lm_head (the tied embedding: a [vocab, hidden] GEMV that reads 656 MB of bfloat16 per token on
+the 2B4T cut) is also timed on its own through the native decoder, and its read bandwidth is set
+against the machine's copy bandwidth (benchmarks/cpu_kernels.py's `copy_`, bytes read + written).
 llama.cpp runs our relu² models with its SiLU MLP (see tests/test_llama_cpp.py): the same work.
 
     python benchmarks/cpu_decode.py [--threads N] [--output benchmarks/results/cpu_decode.json]
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from cpu_kernels import copy_bandwidth  # benchmarks/: the same copy benchmark as the kernel table
 
 from bitnet158 import BitNetConfig, BitNetForCausalLM, PackedBitLinear, freeze_
 from bitnet158.cli.model_loading import embedded_model_path
@@ -39,6 +44,7 @@ from bitnet158.tokenizer import Tokenizer
 
 CONFIG_2B4T = Path(__file__).resolve().parents[2] / "shared" / "reference" / "bitnet-b1.58-2B-4T.config.json"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_decode.json"
+GB = 1e9
 SCALED_LAYERS = 5
 REPEATS = 3
 PROMPT = "def fibonacci(n):\n"
@@ -101,6 +107,22 @@ def theirs(llm, prompt_ids: list[int], steps: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+@torch.inference_mode()
+def lm_head_seconds(model: BitNetForCausalLM, reps: int = 21) -> float:
+    """Median time of the native decoder's lm_head alone on one token (weights streamed from DRAM when large)."""
+    decoder = model.__dict__.get("_native_decoder")  # built by the warm-up generation
+    if decoder is None:
+        raise RuntimeError("the native decoder did not run: nothing to time")
+    hidden = torch.randn(1, model.config.hidden_size)
+    decoder.lm_head(hidden)
+    times = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        decoder.lm_head(hidden)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def bench(label: str, folder: Path, gguf: Path, dtype: torch.dtype | None, steps: int, threads: int) -> dict:
     import llama_cpp
 
@@ -115,12 +137,15 @@ def bench(label: str, folder: Path, gguf: Path, dtype: torch.dtype | None, steps
         runs["ours"].append(ours(model, prompt_ids, steps))
         runs["llama_cpp"].append(theirs(llm, prompt_ids, steps))
     del llm
+    head_s = lm_head_seconds(model)
+    head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     counts = model.config.num_parameters()
     ours_tps, theirs_tps = statistics.median(runs["ours"]), statistics.median(runs["llama_cpp"])
     return {"model": label, "dtype": str(model.dtype).removeprefix("torch."), "parameters": sum(counts.values()),
             "ternary_parameters": counts["ternary"], "steps": steps, "threads": threads,
             "ours_tokens_s": ours_tps, "llama_cpp_tq2_0_tokens_s": theirs_tps, "ratio": ours_tps / theirs_tps,
-            "ours_runs": runs["ours"], "llama_cpp_runs": runs["llama_cpp"], "gguf_mib": gguf.stat().st_size / 2**20}
+            "ours_runs": runs["ours"], "llama_cpp_runs": runs["llama_cpp"], "gguf_mib": gguf.stat().st_size / 2**20,
+            "lm_head_ms": head_s * 1e3, "lm_head_mb": head_bytes / 1e6, "lm_head_gb_s": head_bytes / head_s / GB}
 
 
 def main() -> None:
@@ -132,6 +157,7 @@ def main() -> None:
         raise SystemExit(f"native CPU kernels unavailable: {cpu.describe()}")
     torch.set_num_threads(args.threads)
     cpu.set_threads(args.threads)
+    bandwidth = copy_bandwidth() / GB
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         embedded = embedded_model_path()
@@ -146,18 +172,24 @@ def main() -> None:
         rows.append(bench(f"2B4T x {SCALED_LAYERS} layers, random", scaled, scaled_gguf, None, 48, args.threads))
 
     print(f"{cpu.describe()}; llama.cpp TQ2_0 via llama-cpp-python; {args.threads} threads each")
-    header = ["model", "params", "our dtype", "new tokens", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp"]
+    header = ["model", "params", "our dtype", "new tokens", "ours tok/s", "llama.cpp tok/s", "ours / llama.cpp",
+              "lm_head MB", "lm_head ms", "lm_head GB/s (share of copy)"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:
         print(f"{r['model']} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {r['steps']} | {r['ours_tokens_s']:.1f} | "
-              f"{r['llama_cpp_tq2_0_tokens_s']:.1f} | {r['ratio']:.2f}")
+              f"{r['llama_cpp_tq2_0_tokens_s']:.1f} | {r['ratio']:.2f} | {r['lm_head_mb']:.0f} | "
+              f"{r['lm_head_ms']:.2f} | {r['lm_head_gb_s']:.1f} ({r['lm_head_gb_s'] / bandwidth:.0%})")
+    print(f"copy bandwidth (read + write, benchmarks/cpu_kernels.py): {bandwidth:.1f} GB/s")
     import llama_cpp
 
     machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__, "kernels": cpu.describe()}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"machine": machine, "results": rows}, indent=2) + "\n")
+    for r in rows:
+        r["lm_head_bandwidth_share"] = r["lm_head_gb_s"] / bandwidth
+    args.output.write_text(json.dumps({"machine": machine, "copy_bandwidth_gb_s": bandwidth, "results": rows},
+                                      indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

@@ -21,6 +21,12 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_* helpers.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace bitnet158 {
 
 std::mutex& kernel_lock();  // module.cpp: every native entry point holds it
@@ -45,94 +51,215 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, like torch's .
 }
 
 // ---- dot products and axpy, float32 or bfloat16 on the right-hand side -------------------------
+//
+// The lm_head (a [vocab, hidden] GEMV, the largest weight of a small model) reads its rows R at a time:
+// R independent accumulator chains, and while one group of R rows is summed the next group is
+// prefetched, so the memory system always has requests in flight. Each ISA has a table of kernels
+// (`DotKernels`) picked at run time by active_isa(); bfloat16 becomes float32 by a 16-bit shift.
 
-float dot_portable(const float* a, const void* b, DType dtype, int64_t n) {
-  float partial[8] = {0};
+constexpr int kHeadRows = 4;  // lm_head rows per pass
+
+// out[r] = a . b_r for the R rows b_r = b + r * stride (elements), each n long. `ahead` is where the
+// rows of the next pass start: the kernel prefetches it (a hint only; it may equal b on the last pass).
+using RowsFn = void (*)(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out);
+using AxpyFn = void (*)(float alpha, const void* x, float* y, int64_t n);  // y += alpha * x
+
+struct DotKernels {
+  RowsFn rows[2];    // kHeadRows rows, by DType
+  RowsFn single[2];  // one row
+  AxpyFn axpy[2];
+};
+
+template <DType T>
+inline float element(const void* b, int64_t i) {
+  if (T == kF32) return static_cast<const float*>(b)[i];
+  return bf16_to_f32(static_cast<const uint16_t*>(b)[i]);
+}
+
+template <DType T>
+inline const void* advance(const void* b, int64_t elements) {
+  return static_cast<const char*>(b) + elements * (T == kF32 ? 4 : 2);
+}
+
+template <DType T>
+float dot_portable(const float* a, const void* b, int64_t n) {
+  float partial[8] = {0};  // eight independent chains, which the compiler can keep in SSE registers
   int64_t i = 0;
-  if (dtype == kF32) {
-    const float* f = static_cast<const float*>(b);
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * f[i + j];
-    for (; i < n; ++i) partial[0] += a[i] * f[i];
-  } else {
-    const uint16_t* h = static_cast<const uint16_t*>(b);
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * bf16_to_f32(h[i + j]);
-    for (; i < n; ++i) partial[0] += a[i] * bf16_to_f32(h[i]);
-  }
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * element<T>(b, i + j);
+  for (; i < n; ++i) partial[0] += a[i] * element<T>(b, i);
   float total = 0;
   for (float p : partial) total += p;
   return total;
 }
 
-void axpy_portable(float alpha, const void* x, DType dtype, float* y, int64_t n) {
-  if (dtype == kF32) {
-    const float* f = static_cast<const float*>(x);
-    for (int64_t i = 0; i < n; ++i) y[i] += alpha * f[i];
-  } else {
-    const uint16_t* h = static_cast<const uint16_t*>(x);
-    for (int64_t i = 0; i < n; ++i) y[i] += alpha * bf16_to_f32(h[i]);
-  }
+template <DType T, int R>
+void rows_portable(const float* a, const void* b, const void*, int64_t stride, int64_t n, float* out) {
+  for (int r = 0; r < R; ++r) out[r] = dot_portable<T>(a, advance<T>(b, r * stride), n);
 }
 
+template <DType T>
+void axpy_portable(float alpha, const void* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * element<T>(x, i);
+}
+
+constexpr DotKernels kPortable = {{rows_portable<kF32, kHeadRows>, rows_portable<kBF16, kHeadRows>},
+                                  {rows_portable<kF32, 1>, rows_portable<kBF16, 1>},
+                                  {axpy_portable<kF32>, axpy_portable<kBF16>}};
+
 #if defined(BITNET158_X86)
+// Per-ISA code is compiled for its instruction set inside these regions (as in kernels.cpp) and only
+// called after the runtime CPU check, so the extension itself runs on any x86-64.
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#define BEGIN_TARGET_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define BEGIN_TARGET_AVX512 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx2,fma\"))), apply_to = function)")
+#define END_TARGET _Pragma("clang attribute pop")
 #else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#define BEGIN_TARGET_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define BEGIN_TARGET_AVX512 _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma\")")
+#define END_TARGET _Pragma("GCC pop_options")
 #endif
-inline __m256 load8(const void* b, DType dtype, int64_t i) {
-  if (dtype == kF32) return _mm256_loadu_ps(static_cast<const float*>(b) + i);
+
+BEGIN_TARGET_AVX2
+template <DType T>
+inline __m256 load8(const void* b, int64_t i) {
+  if (T == kF32) return _mm256_loadu_ps(static_cast<const float*>(b) + i);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(b) + i));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-float dot_avx2(const float* a, const void* b, DType dtype, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * j), load8(b, dtype, i + 8 * j), acc[j]);
-  for (; i + 8 <= n; i += 8) acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b, dtype, i), acc[0]);
-  __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+inline float sum8(__m256 s) {
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  float total = _mm_cvtss_f32(q);
-  for (; i < n; ++i)
-    total += a[i] * (dtype == kF32 ? static_cast<const float*>(b)[i] : bf16_to_f32(static_cast<const uint16_t*>(b)[i]));
-  return total;
+  return _mm_cvtss_f32(q);
 }
 
-void axpy_avx2(float alpha, const void* x, DType dtype, float* y, int64_t n) {
+template <DType T, int R>
+void rows_avx2(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out) {
+  const char* row[R];
+  const char* next[R];
+  for (int r = 0; r < R; ++r) {
+    row[r] = static_cast<const char*>(advance<T>(b, r * stride));
+    next[r] = static_cast<const char*>(advance<T>(ahead, r * stride));
+  }
+  __m256 acc[R][2];  // two chains per row hide the FMA latency
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a0 = _mm256_loadu_ps(a + i), a1 = _mm256_loadu_ps(a + i + 8);
+    for (int r = 0; r < R; ++r) {
+      // 16 elements are 32 (bf16) or 64 (f32) bytes: at most one new cache line per row and step
+      _mm_prefetch(static_cast<const char*>(advance<T>(next[r], i)), _MM_HINT_T0);
+      acc[r][0] = _mm256_fmadd_ps(a0, load8<T>(row[r], i), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a1, load8<T>(row[r], i + 8), acc[r][1]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a0 = _mm256_loadu_ps(a + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(a0, load8<T>(row[r], i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float total = sum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+    for (int64_t k = i; k < n; ++k) total += a[k] * element<T>(row[r], k);
+    out[r] = total;
+  }
+}
+
+template <DType T>
+void axpy_avx2(float alpha, const void* x, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(alpha);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8(x, dtype, i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i)
-    y[i] += alpha * (dtype == kF32 ? static_cast<const float*>(x)[i] : bf16_to_f32(static_cast<const uint16_t*>(x)[i]));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8<T>(x, i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * element<T>(x, i);
 }
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+END_TARGET
+
+BEGIN_TARGET_AVX512
+template <DType T>
+inline __m512 load16(const void* b, int64_t i) {
+  if (T == kF32) return _mm512_loadu_ps(static_cast<const float*>(b) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(b) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The first `count` (< 16) elements from i, zeros after: the tail without a scalar loop.
+template <DType T>
+inline __m512 load16_masked(const void* b, int64_t i, __mmask16 mask) {
+  if (T == kF32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(b) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(b) + i);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <DType T, int R>
+void rows_avx512(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out) {
+  const char* row[R];
+  const char* next[R];
+  for (int r = 0; r < R; ++r) {
+    row[r] = static_cast<const char*>(advance<T>(b, r * stride));
+    next[r] = static_cast<const char*>(advance<T>(ahead, r * stride));
+  }
+  __m512 acc[R][2];  // two chains per row hide the FMA latency
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  constexpr int kStep = T == kF32 ? 16 : 32;  // one 64-byte cache line of each row per step
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(static_cast<const char*>(advance<T>(next[r], i)), _MM_HINT_T0);
+    for (int h = 0; h < kStep; h += 16) {
+      const __m512 va = _mm512_loadu_ps(a + i + h);
+      for (int r = 0; r < R; ++r) acc[r][h / 16] = _mm512_fmadd_ps(va, load16<T>(row[r], i + h), acc[r][h / 16]);
+    }
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 va = _mm512_loadu_ps(a + i);
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(va, load16<T>(row[r], i), acc[r][0]);
+  }
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 va = _mm512_maskz_loadu_ps(mask, a + i);
+    for (int r = 0; r < R; ++r) acc[r][1] = _mm512_fmadd_ps(va, load16_masked<T>(row[r], i, mask), acc[r][1]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <DType T>
+void axpy_avx512(float alpha, const void* x, float* y, int64_t n) {
+  const __m512 va = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16<T>(x, i), _mm512_loadu_ps(y + i)));
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 y0 = _mm512_maskz_loadu_ps(mask, y + i);
+    _mm512_mask_storeu_ps(y + i, mask, _mm512_fmadd_ps(va, load16_masked<T>(x, i, mask), y0));
+  }
+}
+END_TARGET
+
+constexpr DotKernels kAvx2 = {{rows_avx2<kF32, kHeadRows>, rows_avx2<kBF16, kHeadRows>},
+                              {rows_avx2<kF32, 1>, rows_avx2<kBF16, 1>},
+                              {axpy_avx2<kF32>, axpy_avx2<kBF16>}};
+constexpr DotKernels kAvx512 = {{rows_avx512<kF32, kHeadRows>, rows_avx512<kBF16, kHeadRows>},
+                                {rows_avx512<kF32, 1>, rows_avx512<kBF16, 1>},
+                                {axpy_avx512<kF32>, axpy_avx512<kBF16>}};
 #endif
 
-inline bool simd() { return active_isa() == Isa::kAvx2 || active_isa() == Isa::kAvx512; }
+// The kernels of the instruction set in use (BITNET158_CPU_ISA / set_isa may lower it at any time).
+inline const DotKernels& kernels() {
+#if defined(BITNET158_X86)
+  if (active_isa() == Isa::kAvx512) return kAvx512;
+  if (active_isa() == Isa::kAvx2) return kAvx2;
+#endif
+  return kPortable;
+}
 
 inline float dot(const float* a, const void* b, DType dtype, int64_t n) {
-#if defined(BITNET158_X86)
-  if (simd()) return dot_avx2(a, b, dtype, n);
-#endif
-  return dot_portable(a, b, dtype, n);
+  float out;
+  kernels().single[dtype](a, b, b, 0, n, &out);
+  return out;
 }
 
-inline void axpy(float alpha, const void* x, DType dtype, float* y, int64_t n) {
-#if defined(BITNET158_X86)
-  if (simd()) return axpy_avx2(alpha, x, dtype, y, n);
-#endif
-  axpy_portable(alpha, x, dtype, y, n);
-}
+inline void axpy(float alpha, const void* x, DType dtype, float* y, int64_t n) { kernels().axpy[dtype](alpha, x, y, n); }
 
 inline const void* offset(const void* base, DType dtype, int64_t elements) {
   return static_cast<const char*>(base) + elements * (dtype == kF32 ? 4 : 2);
@@ -188,8 +315,7 @@ void ensure_batch(Decoder& d, int64_t batch, int64_t max_len) {
 }
 
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
-  float sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float sum = dot(x, x, kF32, n);
   const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
 }
@@ -273,13 +399,34 @@ struct HeadJob {
   float* logits;   // [batch, vocab]
 };
 
+// Each thread takes a contiguous range of vocabulary rows, kHeadRows at a time (the rest one by one),
+// and multiplies every group by all `batch` inputs while its rows are in cache.
 void lm_head_rows(void* p, int t, int nt) {
   auto& j = *static_cast<HeadJob*>(p);
   const Decoder& d = *j.d;
-  for (int64_t v = d.vocab * t / nt; v < d.vocab * (t + 1) / nt; ++v) {
-    const void* row = offset(d.lm_head, d.head_dtype, v * d.hidden);
-    for (int64_t b = 0; b < j.batch; ++b) j.logits[b * d.vocab + v] = dot(j.x + b * d.hidden, row, d.head_dtype, d.hidden);
+  const DotKernels& k = kernels();
+  const RowsFn rows = k.rows[d.head_dtype], single = k.single[d.head_dtype];
+  const int64_t begin = d.vocab * t / nt, end = d.vocab * (t + 1) / nt;
+  float out[kHeadRows];
+  int64_t v = begin;
+  for (; v + kHeadRows <= end; v += kHeadRows) {
+    const void* group = offset(d.lm_head, d.head_dtype, v * d.hidden);
+    // prefetch the next group, or this one again on the last pass (never past the thread's range)
+    const void* ahead = v + 2 * kHeadRows <= end ? offset(group, d.head_dtype, kHeadRows * d.hidden) : group;
+    for (int64_t b = 0; b < j.batch; ++b) {
+      rows(j.x + b * d.hidden, group, ahead, d.hidden, d.hidden, out);
+      for (int r = 0; r < kHeadRows; ++r) j.logits[b * d.vocab + v + r] = out[r];
+    }
   }
+  for (; v < end; ++v) {
+    const void* row = offset(d.lm_head, d.head_dtype, v * d.hidden);
+    for (int64_t b = 0; b < j.batch; ++b) single(j.x + b * d.hidden, row, row, 0, d.hidden, j.logits + b * d.vocab + v);
+  }
+}
+
+void lm_head(const Decoder& d, const float* x, int64_t batch, float* logits) {
+  HeadJob head{&d, batch, x, logits};
+  pool().run(lm_head_rows, &head);
 }
 
 void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const int64_t* padding, const KV& kv,
@@ -346,8 +493,7 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const i
     for (int64_t i = 0; i < batch * D; ++i) x[i] += d.attn[i];
   }
   for (int64_t b = 0; b < batch; ++b) rms_norm(x + b * D, d.final_norm, D, d.eps, h + b * D);
-  HeadJob head{&d, batch, h, logits};
-  pool().run(lm_head_rows, &head);
+  lm_head(d, h, batch, logits);
 }
 
 template <typename T>
@@ -408,6 +554,21 @@ PyObject* py_decoder_new(PyObject*, PyObject* args) {
     d->layers.push_back(layer);
   }
   return PyCapsule_New(d.release(), "bitnet158.Decoder", destroy);
+}
+
+// decoder_lm_head(decoder, x, batch, logits): logits [batch, vocab] = x [batch, hidden] times the lm_head,
+// the last part of a step on its own (benchmarks time it, tests check its kernels).
+PyObject* py_decoder_lm_head(PyObject*, PyObject* args) {
+  PyObject* capsule;
+  long long x, batch, logits;
+  if (!PyArg_ParseTuple(args, "OLLL", &capsule, &x, &batch, &logits)) return nullptr;
+  auto* d = static_cast<Decoder*>(PyCapsule_GetPointer(capsule, "bitnet158.Decoder"));
+  if (d == nullptr) return nullptr;
+  Py_BEGIN_ALLOW_THREADS {
+    std::lock_guard<std::mutex> lock(kernel_lock());
+    lm_head(*d, ptr<const float>(x), batch, ptr<float>(logits));
+  }
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 // decoder_step(decoder, ids, batch, length, padding, keys, values, kv_dtype, max_len, logits)

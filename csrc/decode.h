@@ -7,7 +7,9 @@
 
 PyObject* py_decoder_new(PyObject*, PyObject* args);
 PyObject* py_decoder_step(PyObject*, PyObject* args);
+PyObject* py_decoder_lm_head(PyObject*, PyObject* args);
 
 #define DECODE_METHODS                                                                     \
   {"decoder_new", py_decoder_new, METH_VARARGS, "Build a native decoder from weight pointers."}, \
-      {"decoder_step", py_decoder_step, METH_VARARGS, "One decode step: logits for one new token per row."},
+      {"decoder_step", py_decoder_step, METH_VARARGS, "One decode step: logits for one new token per row."}, \
+      {"decoder_lm_head", py_decoder_lm_head, METH_VARARGS, "Logits of final-normed inputs: the lm_head alone."},

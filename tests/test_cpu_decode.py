@@ -22,13 +22,21 @@ def model() -> BitNetForCausalLM:
     return BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
 
 
-@pytest.fixture(params=["best", "portable"])
+def _isas() -> list[str]:
+    """Every instruction set this CPU can run: each has its own dot/axpy/lm_head kernels."""
+    if cpu._cpu is None:
+        return ["portable"]
+    best = cpu._cpu.detected_isa()
+    return ["portable", "avx2", best] if best == "avx512-vnni" else ["portable", best]
+
+
+@pytest.fixture(params=_isas())
 def isa(request):
-    before = cpu.isa()
-    if request.param == "portable":
-        cpu.set_isa("portable")
+    before, threads = cpu.isa(), cpu.get_threads()
+    assert cpu.set_isa(request.param) == request.param
     yield request.param
     cpu.set_isa(before)
+    cpu.set_threads(threads)
 
 
 def _prefilled(model: BitNetForCausalLM, dtype: torch.dtype) -> tuple[KVCache, torch.Tensor]:
@@ -71,7 +79,7 @@ def test_greedy_generation_is_unchanged(model, monkeypatch):
 
 
 @torch.inference_mode()
-def test_bfloat16_model_decodes_close_to_its_pytorch_path(monkeypatch):
+def test_bfloat16_model_decodes_close_to_its_pytorch_path(isa, monkeypatch):
     model = BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.bfloat16)
     cache, logits = _prefilled(model, torch.bfloat16)
     native_cache, tokens = _copy(cache), logits.argmax(-1)[:, None]
@@ -106,3 +114,30 @@ def test_new_weights_rebuild_the_decoder():
         layer.set_weight(torch.randn(layer.out_features, layer.in_features))
     after = cpu_decode.decode_step(model, tokens, _copy(cache))  # a new cache: the weights are checked
     assert not torch.allclose(before, after)
+
+
+def _head_only_decoder(weight: torch.Tensor):
+    """A native decoder with no layers around `weight` [vocab, hidden]: enough for decoder_lm_head."""
+    vocab, hidden = weight.shape
+    dtype = {torch.float32: 0, torch.bfloat16: 1}[weight.dtype]
+    norm, inv_freq = torch.ones(hidden), torch.ones(1)
+    handle = cpu._cpu.decoder_new((hidden, 1, 1, 2, 1, vocab, 1e-5, True, dtype, dtype),
+                                  (weight.data_ptr(), weight.data_ptr(), norm.data_ptr(), inv_freq.data_ptr()), [])
+    return handle, (weight, norm, inv_freq)  # the tensors must outlive the handle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_lm_head_matches_float64_on_odd_shapes(isa, dtype):
+    # Shapes that leave remainders everywhere: rows per pass (4), SIMD steps (8/16/32), threads' ranges.
+    generator = torch.Generator().manual_seed(7)
+    for vocab, hidden, batch, threads in [(1, 1, 1, 1), (7, 5, 1, 2), (103, 67, 3, 3), (4099, 256, 2, 2),
+                                          (1031, 2560, 1, 2), (65, 519, 1, 1)]:
+        cpu.set_threads(threads)
+        weight = torch.randn(vocab, hidden, generator=generator).to(dtype)
+        x = torch.randn(batch, hidden, generator=generator)
+        handle, keep = _head_only_decoder(weight)
+        logits = torch.full((batch, vocab), float("nan"))
+        cpu._cpu.decoder_lm_head(handle, x.data_ptr(), batch, logits.data_ptr())
+        expected = x.double() @ weight.double().T
+        bound = 1e-5 * (x.double().abs() @ weight.double().abs().T) + 1e-30  # float32 rounding of the sum
+        assert torch.all((logits.double() - expected).abs() <= bound), f"{isa} {dtype} {vocab}x{hidden} batch {batch}"

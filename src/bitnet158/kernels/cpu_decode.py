@@ -106,6 +106,15 @@ class NativeDecoder:
         return logits if self.out_dtype == torch.float32 else logits.to(self.out_dtype)
 
 
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits `[batch, vocab]` of final-normed `hidden [batch, hidden_size]`: the step's last part
+        on its own, for benchmarks and tests of the lm_head kernels."""
+        hidden = hidden.float().contiguous()
+        logits = torch.empty(hidden.shape[0], self.vocab, dtype=torch.float32)
+        cpu._cpu.decoder_lm_head(self.handle, hidden.data_ptr(), hidden.shape[0], logits.data_ptr())
+        return logits
+
+
 def _sources(model: BitNetForCausalLM) -> list[torch.Tensor]:
     tensors = [model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight]
     for module in model.model.layers.modules():
