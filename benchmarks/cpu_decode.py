@@ -14,7 +14,8 @@ timed). Runs alternate between the two, and the table shows the median of REPEAT
 
 The lm_head (the tied embedding: a [vocab, hidden] GEMV that reads 656 MB of bfloat16 per token on
 the 2B4T cut) is also timed on its own through the native decoder, and its read bandwidth is set
-against the machine's copy bandwidth (benchmarks/cpu_kernels.py's `copy_`, bytes read + written).
+against the machine's copy bandwidth (benchmarks/cpu_kernels.py's `copy_`, bytes read + written); the
+embedded model's lm_head (8 MB in bfloat16, 16 MB in float32) can come from cache, so its figure is not a DRAM one.
 llama.cpp runs our relu² models with its SiLU MLP (see tests/test_llama_cpp.py): the same work.
 
     python benchmarks/cpu_decode.py [--threads N] [--output benchmarks/results/cpu_decode.json]
