@@ -88,7 +88,7 @@ def _time_config(codes, x_scale, sums, weights, scale, n, config) -> float:
 
 def sweep() -> None:
     """Print the time of each block configuration per shape and batch (to pick `_gemv_config` / `_mma_config`)."""
-    gemv = [(br, bkw, w) for br in (1, 2, 4, 8, 16) for bkw in (32, 64, 128) for w in (2, 4, 8) if br * bkw <= 1024]
+    gemv = [(br, bkw, w) for br in (1, 2, 4) for bkw in (64, 128, 256, 512) for w in (1, 2, 4, 8) if br * bkw <= 2048]
     mma = {
         16: [(16, br, 128, w, s) for br in (16, 32) for w in (4,) for s in (3, 4, 5)] + [(16, 16, 64, 4, 6)],
         64: [(64, br, bk, w, s) for br in (16, 32) for bk in (64, 128) for w in (4, 8) for s in (3, 4)],

@@ -44,8 +44,14 @@ def generate_tokens(
         return
 
     cache = KVCache(model.config, batch, longest + steps - 1, device, model.dtype)
-    padding, input_ids, seen = _left_padded(prompt_ids, longest, model.config.vocab_size, params, device)
-    cache.set_padding(padding)
+    cache.set_padding(torch.tensor([longest - len(ids) for ids in prompt_ids]))
+    # Pad with token 0: pad slots are masked out of attention, so their value does not matter.
+    input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompt_ids):
+            seen[row, ids] = True
     generator = make_generator(params.seed, device)
 
     logits = model(input_ids, cache)[:, -1]
@@ -56,21 +62,6 @@ def generate_tokens(
         yield tokens
         if step + 1 < steps:
             logits = model(tokens[:, None], cache)[:, -1]
-
-
-def _left_padded(
-    prompt_ids: list[list[int]], longest: int, vocab_size: int, params: SamplingParams, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(left padding per row, left-padded input ids, the tokens each row has seen for the repetition
-    penalty or None). Pad with token 0: pad slots are masked out of attention, so their value does not matter."""
-    padding = torch.tensor([longest - len(ids) for ids in prompt_ids])
-    input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(len(prompt_ids), vocab_size, dtype=torch.bool, device=device)
-        for row, ids in enumerate(prompt_ids):
-            seen[row, ids] = True
-    return padding, input_ids, seen
 
 
 def gpu_decoding_available() -> bool:
@@ -103,8 +94,13 @@ def _generate_tokens_gpu(
     before the host waits for them, so the GPU never idles while the caller handles text."""
     batch, device = len(prompt_ids), model.device
     decoder = _decoder(model, batch, longest + steps - 1)
-    padding, input_ids, seen = _left_padded(prompt_ids, longest, model.config.vocab_size, params, device)
-    decoder.reset(padding)
+    decoder.reset(torch.tensor([longest - len(ids) for ids in prompt_ids]))
+    input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompt_ids):
+            seen[row, ids] = True
     generator = make_generator(params.seed, device)
     host = torch.empty(batch, dtype=torch.long, pin_memory=True)
     copied = torch.cuda.Event()
