@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bitnet158 import BitNetConfig, BitNetForCausalLM
+from bitnet158.kernels import cpu
 
 # hidden 64, 4 query heads sharing 2 key/value heads, head_dim 16.
 TINY_CONFIG = {
@@ -95,3 +96,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _cpu_isas() -> list[str]:
+    """Every instruction set of the native CPU kernels this machine can run (the portable one everywhere)."""
+    if cpu._cpu is None:
+        return ["portable"]
+    best = cpu._cpu.detected_isa()
+    return ["portable", "avx2", best] if best == "avx512-vnni" else ["portable", best]
+
+
+@pytest.fixture(params=_cpu_isas())
+def isa(request):
+    """Runs a test once per instruction set of the native CPU kernels, then restores the ISA and threads."""
+    before, threads = cpu.isa(), cpu.get_threads()
+    assert cpu.set_isa(request.param) == request.param
+    yield request.param
+    cpu.set_isa(before)
+    cpu.set_threads(threads)

@@ -22,23 +22,6 @@ def model() -> BitNetForCausalLM:
     return BitNetForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32)
 
 
-def _isas() -> list[str]:
-    """Every instruction set this CPU can run: each has its own dot/axpy/lm_head kernels."""
-    if cpu._cpu is None:
-        return ["portable"]
-    best = cpu._cpu.detected_isa()
-    return ["portable", "avx2", best] if best == "avx512-vnni" else ["portable", best]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    before, threads = cpu.isa(), cpu.get_threads()
-    assert cpu.set_isa(request.param) == request.param
-    yield request.param
-    cpu.set_isa(before)
-    cpu.set_threads(threads)
-
-
 def _prefilled(model: BitNetForCausalLM, dtype: torch.dtype) -> tuple[KVCache, torch.Tensor]:
     longest = max(map(len, PROMPTS))
     cache = KVCache(model.config, len(PROMPTS), 64, "cpu", dtype)

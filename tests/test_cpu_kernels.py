@@ -23,22 +23,6 @@ if os.environ.get("CI") and not cpu.available():  # CI builds the extension: it 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels unavailable: {cpu.IMPORT_ERROR}")
 
 
-def _isas() -> list[str]:
-    if cpu._cpu is None:
-        return ["portable"]
-    best = cpu._cpu.detected_isa()
-    return ["portable", "avx2", best] if best == "avx512-vnni" else ["portable", best]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    before, threads = cpu.isa(), cpu.get_threads()
-    assert cpu.set_isa(request.param) == request.param
-    yield request.param
-    cpu.set_isa(before)
-    cpu.set_threads(threads)
-
-
 @pytest.fixture
 def rng() -> tuple[torch.Generator, int]:
     seed = random.SystemRandom().randrange(2**31)
