@@ -10,6 +10,7 @@ import torch
 from bitnet158.errors import UserError
 from bitnet158.generation.detokenize import StreamingDetokenizer
 from bitnet158.generation.sampling import SamplingParams, make_generator, next_token
+from bitnet158.kernels import gpu_kernels_available
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.tokenizer import Tokenizer
 
@@ -39,7 +40,7 @@ def generate_tokens(
     # The last token is sampled but never fed back, so it needs no cache slot.
     steps = min(params.max_new_tokens, context - longest + 1)
     batch, device = len(prompt_ids), model.device
-    if device.type == "cuda" and gpu_decoding_available():
+    if device.type == "cuda" and gpu_kernels_available():
         yield from _generate_tokens_gpu(model, prompt_ids, params, longest, steps)
         return
 
@@ -62,14 +63,6 @@ def generate_tokens(
         yield tokens
         if step + 1 < steps:
             logits = model(tokens[:, None], cache)[:, -1]
-
-
-def gpu_decoding_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _decoder(model: BitNetForCausalLM, batch: int, max_length: int):

@@ -6,6 +6,7 @@ the input's device and falls back to the plain PyTorch reference.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,12 +17,12 @@ from bitnet158.kernels.reference import ternary_linear, ternary_matmul
 if TYPE_CHECKING:
     from bitnet158.nn.bitlinear import PackedBitLinear
 
-__all__ = ["bitlinear_forward", "ternary_linear", "ternary_matmul"]
+__all__ = ["bitlinear_forward", "gpu_kernels_available", "ternary_linear", "ternary_matmul"]
 
 
 def bitlinear_forward(layer: PackedBitLinear, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)` on the fastest backend for `x.device`."""
-    if x.device.type == "cuda" and _gpu_kernels():  # GPU: Triton W2A8 kernels (kernels/gpu.py)
+    if x.device.type == "cuda" and gpu_kernels_available():  # GPU: Triton W2A8 kernels (kernels/gpu.py)
         from bitnet158.kernels import gpu
 
         return gpu.linear(layer, x)
@@ -30,17 +31,11 @@ def bitlinear_forward(layer: PackedBitLinear, x: torch.Tensor) -> torch.Tensor:
     return ternary_linear(x, layer.weight, layer.weight_scale, layer.out_features, layer.bias)
 
 
-def _gpu_kernels() -> bool:
+@functools.cache
+def gpu_kernels_available() -> bool:
     """Whether Triton is importable (it ships with CUDA builds of PyTorch)."""
-    global _TRITON
-    if _TRITON is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON = True
-        except ImportError:
-            _TRITON = False
-    return _TRITON
-
-
-_TRITON: bool | None = None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
