@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -179,3 +181,12 @@ def test_embedded_model_logits_are_the_reference_logits(monkeypatch):
         assert not cpu.available()
         expected = model(ids)
     assert torch.equal(native, expected)
+
+
+@pytest.mark.parametrize(("variable", "value"), [("BITNET158_THREADS", "abc"), ("BITNET158_CPU_ISA", "bogus")])
+def test_bad_environment_is_one_line_and_exit_1(variable: str, value: str):
+    result = subprocess.run([sys.executable, "-m", "bitnet158", "info"], env={**os.environ, variable: value},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert variable in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

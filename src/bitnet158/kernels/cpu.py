@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bitnet158.errors import UserError
 from bitnet158.packing import pack_2bit
 
 if TYPE_CHECKING:
@@ -45,7 +46,10 @@ _style_cache: dict[tuple[int, int, int, str], str] = {}
 
 
 def available() -> bool:
-    """Whether the native kernels are built, importable and not switched off."""
+    """Whether the native kernels are built, importable and not switched off. A bad BITNET158_THREADS
+    or BITNET158_CPU_ISA is a `UserError` here, at first use, rather than a traceback at import."""
+    if _ENVIRONMENT_ERROR is not None:
+        raise UserError(_ENVIRONMENT_ERROR)
     return _cpu is not None and os.environ.get("BITNET158_CPU_KERNELS", "1") != "0"
 
 
@@ -98,20 +102,25 @@ def describe() -> str:
     return f"native, {_cpu.isa()} (CPU has {_cpu.detected_isa()}), {_cpu.threads()} threads"
 
 
-def _configure_from_environment() -> None:
+def _configure_from_environment() -> str | None:
+    """Apply BITNET158_THREADS and BITNET158_CPU_ISA; the problem with them, if any."""
     if _cpu is None:
-        return
+        return None
     threads = os.environ.get("BITNET158_THREADS")
     try:
         set_threads(int(threads) if threads else default_threads())
-    except ValueError as error:
-        raise ValueError(f"BITNET158_THREADS={threads!r}: expected a positive integer") from error
+    except ValueError:
+        return f"BITNET158_THREADS={threads!r}: expected a positive integer"
     wanted = os.environ.get("BITNET158_CPU_ISA")
     if wanted:
-        set_isa(wanted)
+        try:
+            set_isa(wanted)
+        except ValueError as error:
+            return f"BITNET158_CPU_ISA={wanted!r}: {error}"
+    return None
 
 
-_configure_from_environment()
+_ENVIRONMENT_ERROR = _configure_from_environment()
 
 
 # --- weights ---------------------------------------------------------------------------------------
