@@ -4,7 +4,8 @@ For the four BitLinear shapes of bitnet-b1.58-2B-4T (out x in: fused qkv, o, fus
 times, on random weights, the whole BitLinear forward of each kernel style (int8 quantization of the
 input, ternary GEMV/GEMM, scales) and torch's fp32 `F.linear` of the same shape, in alternating rounds
 so that both see the same machine load; the table shows medians. Rows are GEMV (1 token), small-M GEMM
-(4 and 8) and a prefill GEMM (128 tokens).
+(4, 8, and 32: a full serving batch) and a prefill GEMM (128 tokens). Up to `GEMV_MAX_M` rows every
+style is timed; beyond, i2 and tiled (the lookup tables are no GEMM kernel).
 
 Bandwidth: a copy benchmark (torch `copy_` of a 1 GiB buffer, bytes read + bytes written per second)
 gives the machine's memory bandwidth; each GEMV's "share" is its weight bytes per second over it.
@@ -32,7 +33,7 @@ from bitnet158.packing import pack_2bit
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "cpu_kernels.json"
 # (name, out_features, in_features) of bitnet-b1.58-2B-4T (hidden 2560, 20 + 2 * 5 heads of 128, intermediate 6912).
 SHAPES = [("qkv", 3840, 2560), ("o", 2560, 2560), ("gate+up", 13824, 2560), ("down", 2560, 6912)]
-ROWS = [1, 4, 8, 128]
+ROWS = [1, 4, 8, 32, 128]
 GB = 1e9
 
 
@@ -82,7 +83,7 @@ def bench_shape(name: str, n: int, k: int, rows: int, generator: torch.Generator
     out = torch.empty(rows, n)
     chosen = cpu.choose_style(n, k, rows)
     candidates = {f"ours_{style}": (lambda s=style: cpu.linear_into(x, weights[s], n, scale, s, out))
-                  for style in (cpu.STYLES if rows <= cpu.GEMV_MAX_M else ("i2",))}
+                  for style in (cpu.STYLES if rows <= cpu.GEMV_MAX_M else ("i2", "tiled"))}
     candidates["torch_fp32"] = lambda: F.linear(x, fp32_weight)
     big = rows > 8 or n * k > 2e7
     seconds = side_by_side(candidates, rounds=7 if big else 11, calls=3 if big else 10)
@@ -116,13 +117,14 @@ def main() -> None:
         row["ours_bandwidth_share"] = row["ours_weight_gb_s"] * GB / bandwidth
         row["fp32_bandwidth_share"] = row["fp32_weight_gb_s"] * GB / bandwidth
 
-    header = ["shape", "out x in", "rows", "i2 us", "lut us", "chosen", "torch fp32 us", "speedup",
+    header = ["shape", "out x in", "rows", "i2 us", "lut us", "tiled us", "chosen", "torch fp32 us", "speedup",
               "ours GB/s (share)", "fp32 GB/s (share)"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in results:
         lut = f"{r['ours_lut_us']:.0f}" if "ours_lut_us" in r else "-"
         print(f"{r['shape']} | {r['out_features']}x{r['in_features']} | {r['rows']} | {r['ours_i2_us']:.0f} | {lut} | "
+              f"{r['ours_tiled_us']:.0f} | "
               f"{r['chosen_style']} | {r['torch_fp32_us']:.0f} | {r['speedup_vs_fp32']:.1f}x | "
               f"{r['ours_weight_gb_s']:.1f} ({r['ours_bandwidth_share']:.0%}) | "
               f"{r['fp32_weight_gb_s']:.1f} ({r['fp32_bandwidth_share']:.0%})")

@@ -33,6 +33,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined_* helpers.
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace bitnet158 {
@@ -85,6 +86,8 @@ int64_t i2_padded_k(int64_t k) { return round_up(std::max<int64_t>(k, 1), 256); 
 int64_t i2_bytes(int64_t n, int64_t k) { return n * i2_padded_k(k) / 4; }
 static inline int64_t lut_padded_k(int64_t k) { return round_up(std::max<int64_t>(k, 1), 4); }
 int64_t lut_bytes(int64_t n, int64_t k) { return round_up(n, 32) * lut_padded_k(k) / 4; }
+static inline int64_t tiled_padded_k(int64_t k) { return round_up(std::max<int64_t>(k, 1), 16); }
+int64_t tiled_bytes(int64_t n, int64_t k) { return round_up(n, 16) * tiled_padded_k(k) / 4; }
 
 // The stored code t + 1 of weight (row, col) in transformers' layout; 1 (a zero weight) past the edges.
 static inline uint8_t stored_code(const uint8_t* packed, int64_t n, int64_t k, int64_t row, int64_t col) {
@@ -152,6 +155,23 @@ void repack_lut(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
             dst[q * 32 + h * 16 + r] = static_cast<uint8_t>(nibbles[0] | (nibbles[1] << 4));
           }
     }
+  }, &job);
+}
+
+void repack_tiled(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
+  RepackJob job{packed, n, k, out};
+  parallel_rows(round_up(n, 16) / 16, [](void* p, int64_t begin, int64_t end) {
+    auto* j = static_cast<RepackJob*>(p);
+    const int64_t blocks = tiled_padded_k(j->k) / 16;
+    for (int64_t tile = begin; tile < end; ++tile)
+      for (int64_t q = 0; q < blocks; ++q)
+        for (int c = 0; c < 16; ++c)
+          for (int i = 0; i < 4; ++i) {
+            uint8_t value = 0;
+            for (int s = 0; s < 4; ++s)
+              value |= stored_code(j->packed, j->n, j->k, tile * 16 + c, q * 16 + s * 4 + i) << (2 * s);
+            j->out[(tile * blocks + q) * 64 + c * 4 + i] = value;
+          }
   }, &job);
 }
 
@@ -512,6 +532,139 @@ END_TARGET
 #endif
 
 // ---------------------------------------------------------------------------------------------
+// tiled style. Threads split the 16-row tiles; each pass holds the sums of up to R batch rows times
+// T tiles in registers while it walks K once, so a decoded weight vector serves R rows.
+
+static void tiled_tiles_portable(void* p, int64_t begin, int64_t end) {
+  const auto& j = *static_cast<GemmJob*>(p);
+  const int64_t blocks = tiled_padded_k(j.k) / 16;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const uint8_t* w = j.w + tile * blocks * 64;
+    for (int64_t m = 0; m < j.m; ++m) {
+      const int8_t* a = j.codes + m * j.kp;
+      int32_t acc[16] = {0};
+      for (int64_t q = 0; q < blocks; ++q)
+        for (int c = 0; c < 16; ++c)
+          for (int s = 0; s < 4; ++s)
+            for (int i = 0; i < 4; ++i) acc[c] += ((w[q * 64 + c * 4 + i] >> (2 * s)) & 3) * a[q * 16 + s * 4 + i];
+      for (int c = 0; c < 16 && tile * 16 + c < j.n; ++c) store(*j.e, m, tile * 16 + c, acc[c] - j.sums[m]);
+    }
+  }
+}
+
+#if defined(BITNET158_X86)
+using TiledFn = void (*)(const GemmJob&, int64_t tile, int64_t m0);
+
+// The activation word of batch row a at k = 16 q + 4 s (4 codes), for a broadcast.
+static inline int32_t act_word(const int8_t* a, int64_t q, int s) {
+  int32_t word;
+  std::memcpy(&word, a + q * 16 + s * 4, 4);
+  return word;
+}
+
+// Walks the tiles of one thread, T at a time (the last may be single), and its batch rows R at a time.
+template <int R, int T>
+static void tiled_rows(const GemmJob& j, int64_t begin, int64_t end, const TiledFn (&kernels)[R][T]) {
+  for (int64_t tile = begin; tile < end; tile += T) {
+    const int64_t tiles = std::min<int64_t>(T, end - tile);
+    for (int64_t m0 = 0; m0 < j.m; m0 += R) kernels[std::min<int64_t>(R, j.m - m0) - 1][tiles - 1](j, tile, m0);
+  }
+}
+
+BEGIN_TARGET_AVX2
+// 16 rows as two halves of 8 int32 lanes: maddubs multiplies pairs, madd sums them into the lanes.
+template <int R>
+static void tiled_block_avx2(const GemmJob& j, int64_t tile, int64_t m0) {
+  const int64_t blocks = tiled_padded_k(j.k) / 16;
+  const uint8_t* w = j.w + tile * blocks * 64;
+  const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < blocks; ++q) {
+    const __m256i x[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * 64 + 32))};
+    for (int s = 0; s < 4; ++s) {
+      const __m256i v[2] = {_mm256_and_si256(_mm256_srli_epi16(x[0], 2 * s), mask),
+                            _mm256_and_si256(_mm256_srli_epi16(x[1], 2 * s), mask)};
+      for (int r = 0; r < R; ++r) {
+        const __m256i b = _mm256_set1_epi32(act_word(j.codes + (m0 + r) * j.kp, q, s));
+        for (int h = 0; h < 2; ++h)  // (t + 1) in 0..2 times int8: pair sums stay far inside int16
+          acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(v[h], b), ones));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    int32_t sums[16];
+    const __m256i total = _mm256_set1_epi32(j.sums[m0 + r]);
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + 8 * h), _mm256_sub_epi32(acc[r][h], total));
+    for (int c = 0; c < 16 && tile * 16 + c < j.n; ++c) store(*j.e, m0 + r, tile * 16 + c, sums[c]);
+  }
+}
+
+static constexpr TiledFn kTiledAvx2[4][1] = {
+    {tiled_block_avx2<1>}, {tiled_block_avx2<2>}, {tiled_block_avx2<3>}, {tiled_block_avx2<4>}};
+
+static void tiled_tiles_avx2(void* p, int64_t begin, int64_t end) {
+  tiled_rows(*static_cast<GemmJob*>(p), begin, end, kTiledAvx2);
+}
+END_TARGET
+
+BEGIN_TARGET_AVX512
+// The sums of batch row m for rows row0.. row0 + 15 (those below n), through the epilogue, vectorized
+// in the order of `store`: float(acc) * (act_scale * w_scale) + bias.
+static inline void store16_avx512(const Epilogue& e, int64_t m, int64_t row0, int64_t n, __m512i acc) {
+  const __mmask16 rows = n - row0 >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - row0)) - 1);
+  if (e.out_i32) _mm512_mask_storeu_epi32(e.out_i32 + m * e.ldo + row0, rows, acc);
+  if (!e.out) return;
+  const __m512 scale = e.per_row_scale
+                           ? _mm512_mul_ps(_mm512_set1_ps(e.act_scales[m]), _mm512_maskz_loadu_ps(rows, e.w_scales + row0))
+                           : _mm512_set1_ps(e.act_scales[m] * e.w_scales[0]);
+  __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
+  if (e.bias) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(rows, e.bias + row0));
+  _mm512_mask_storeu_ps(e.out + m * e.ldo + row0, rows, value);
+}
+
+template <int R, int T>
+static void tiled_block_avx512(const GemmJob& j, int64_t tile, int64_t m0) {
+  const int64_t blocks = tiled_padded_k(j.k) / 16;
+  const uint8_t* w = j.w + tile * blocks * 64;
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < blocks; ++q) {
+    __m512i x[T];
+    for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(w + (t * blocks + q) * 64);
+    for (int s = 0; s < 4; ++s) {
+      __m512i v[T];
+      for (int t = 0; t < T; ++t) v[t] = _mm512_and_si512(_mm512_srli_epi16(x[t], 2 * s), mask);
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_set1_epi32(act_word(j.codes + (m0 + r) * j.kp, q, s));
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], v[t], b);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i total = _mm512_set1_epi32(j.sums[m0 + r]);
+    for (int t = 0; t < T; ++t) store16_avx512(*j.e, m0 + r, (tile + t) * 16, j.n, _mm512_sub_epi32(acc[r][t], total));
+  }
+}
+
+// 8 rows x 2 tiles: 16 accumulators, 8 decoded vectors and the broadcast fit the 32 registers.
+#define TILED_AVX512_ROW(R) {tiled_block_avx512<R, 1>, tiled_block_avx512<R, 2>}
+static constexpr TiledFn kTiledAvx512[8][2] = {TILED_AVX512_ROW(1), TILED_AVX512_ROW(2), TILED_AVX512_ROW(3),
+                                               TILED_AVX512_ROW(4), TILED_AVX512_ROW(5), TILED_AVX512_ROW(6),
+                                               TILED_AVX512_ROW(7), TILED_AVX512_ROW(8)};
+#undef TILED_AVX512_ROW
+
+static void tiled_tiles_avx512(void* p, int64_t begin, int64_t end) {
+  tiled_rows(*static_cast<GemmJob*>(p), begin, end, kTiledAvx512);
+}
+END_TARGET
+#endif  // BITNET158_X86
+
+// ---------------------------------------------------------------------------------------------
 // Dispatch. Scratch buffers are reused across calls (callers serialize, see module.cpp).
 
 static std::vector<int8_t> g_permuted;
@@ -522,6 +675,14 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
   GemmJob job{codes, sums, nullptr, m, k, i2_padded_k(k), n, w, &epilogue};
   const Isa isa = g_isa;
   if (m == 0 || n == 0) return;
+  if (style == Style::kTiled) {
+    const int64_t tiles = round_up(n, 16) / 16;
+#if defined(BITNET158_X86)
+    if (isa == Isa::kAvx512) return parallel_rows(tiles, tiled_tiles_avx512, &job);
+    if (isa == Isa::kAvx2) return parallel_rows(tiles, tiled_tiles_avx2, &job);
+#endif
+    return parallel_rows(tiles, tiled_tiles_portable, &job);
+  }
   if (style == Style::kLut) {
     const int64_t chunks = lut_padded_k(k) / 4;
     if (g_tables.size() < static_cast<size_t>(m * chunks * 64)) g_tables.resize(m * chunks * 64);

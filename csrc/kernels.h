@@ -1,9 +1,13 @@
-// Ternary kernels: int8 activation quantization and ternary GEMV/GEMM in two styles.
+// Ternary kernels: int8 activation quantization and ternary GEMV/GEMM in three styles.
 //
 // "i2" (like bitnet.cpp's I2_S): weights stored as 2-bit codes t + 1 in {0, 1, 2}, decoded with shifts
 // and masks and multiplied with int8 activations (VNNI dpbusd or maddubs); sum((t + 1) a) - sum(a)
 // gives sum(t a). "lut" (like TL1): two weights form a 4-bit index into a 16-entry table of
-// pre-summed activation pairs, looked up 32 rows at a time with byte shuffles.
+// pre-summed activation pairs, looked up 32 rows at a time with byte shuffles. "tiled": the i2 codes
+// interleaved 16 output rows at a time, so that one decoded vector holds 4 inputs of 16 rows (what
+// dpbusd sums per int32 lane): it is multiplied by one broadcast activation word per batch row and
+// the sums land in the rows' own lanes, without horizontal reductions; each decoded weight vector is
+// reused for up to 8 batch rows held in registers (the small-M GEMM of batched decoding).
 //
 // Every kernel computes the exact int32 sum(t * a) and then out = float(acc) * (act_scale * w_scale)
 // (+ bias), in that order, which is what the PyTorch reference computes.
@@ -21,7 +25,7 @@ Isa active_isa();
 // Picks the ISA to use (never more than the machine has); returns the one in effect.
 Isa set_isa(Isa wanted);
 
-enum class Style : int { kI2 = 0, kLut = 1 };
+enum class Style : int { kI2 = 0, kLut = 1, kTiled = 2 };
 
 // i2 layout: row n holds padded_k(K) / 4 bytes; in each 128-value block b, byte j holds the codes of
 // k = 128 b + 32 s + j in bits 2s..2s+1 (s = 0..3). K is padded with zero weights to a multiple of 256.
@@ -31,10 +35,15 @@ int64_t i2_bytes(int64_t n, int64_t k);
 // byte 16h + j holds the index 3 (t0 + 1) + (t1 + 1) of pair 2q + h for row j (low nibble) and row
 // j + 16 (high nibble). K is padded with zero weights to a multiple of 4.
 int64_t lut_bytes(int64_t n, int64_t k);
+// tiled layout: tiles of 16 rows (N padded with zero rows), per tile padded_k / 16 blocks of 64 bytes
+// (K padded with zero weights to a multiple of 16, no more than i2_padded_k); in block q of tile t,
+// byte 4 c + j holds the codes of row 16 t + c at k = 16 q + 4 s + j in bits 2s..2s+1 (s = 0..3).
+int64_t tiled_bytes(int64_t n, int64_t k);
 
 // From transformers' packed layout (uint8 [ceil(N / 4), K], see bitnet158.packing).
 void repack_i2(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out);
 void repack_lut(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out);
+void repack_tiled(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out);
 
 // Per-row absmax int8 quantization of x [m, k] (row stride ldx): codes [m, kp] (zero past k),
 // scales [m] = absmax / 127, sums [m] = sum of the codes.

@@ -31,8 +31,8 @@ static T* ptr(long long address) {
 }
 
 static bool parse_style(int value, Style* style) {
-  if (value != 0 && value != 1) {
-    PyErr_Format(PyExc_ValueError, "style must be 0 (i2) or 1 (lut), not %d", value);
+  if (value < 0 || value > 2) {
+    PyErr_Format(PyExc_ValueError, "style must be 0 (i2), 1 (lut) or 2 (tiled), not %d", value);
     return false;
   }
   *style = static_cast<Style>(value);
@@ -71,7 +71,11 @@ static PyObject* py_layout_bytes(PyObject*, PyObject* args) {
   long long n, k;
   Style style;
   if (!PyArg_ParseTuple(args, "iLL", &style_value, &n, &k) || !parse_style(style_value, &style)) return nullptr;
-  return PyLong_FromLongLong(style == Style::kI2 ? i2_bytes(n, k) : lut_bytes(n, k));
+  switch (style) {
+    case Style::kI2: return PyLong_FromLongLong(i2_bytes(n, k));
+    case Style::kLut: return PyLong_FromLongLong(lut_bytes(n, k));
+    default: return PyLong_FromLongLong(tiled_bytes(n, k));
+  }
 }
 
 static PyObject* py_padded_k(PyObject*, PyObject* args) {
@@ -88,7 +92,8 @@ static PyObject* py_repack(PyObject*, PyObject* args) {
     return nullptr;
   Py_BEGIN_ALLOW_THREADS {
     std::lock_guard<std::mutex> lock(g_lock);
-    (style == Style::kI2 ? repack_i2 : repack_lut)(ptr<const uint8_t>(src), n, k, ptr<uint8_t>(dst));
+    const auto repack = style == Style::kI2 ? repack_i2 : style == Style::kLut ? repack_lut : repack_tiled;
+    repack(ptr<const uint8_t>(src), n, k, ptr<uint8_t>(dst));
   }
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }

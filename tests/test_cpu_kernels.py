@@ -41,10 +41,12 @@ def _activations(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
     return x
 
 
-# (out, in, rows): 2B4T's shapes, odd sizes (not multiples of 4, 32, 128 or 256), GEMV, small-M and prefill.
+# (out, in, rows): 2B4T's shapes, odd sizes (not multiples of 4, 16, 32, 128 or 256), GEMV, small-M and
+# prefill; the rows cover every remainder of the tiled kernels' groups of 8 (AVX-512) and 4 (AVX2) rows.
 SHAPES = [
-    (1, 1, 1), (3, 5, 2), (37, 300, 1), (33, 257, 3), (64, 256, 4), (129, 1000, 5), (31, 513, 9),
-    (250, 130, 17), (2560, 2560, 1), (3840, 2560, 2), (2560, 6912, 1), (200, 6912, 33),
+    (1, 1, 1), (3, 5, 2), (37, 300, 1), (33, 257, 3), (64, 256, 4), (129, 1000, 5), (45, 77, 6), (17, 1000, 7),
+    (16, 16, 8), (31, 513, 9), (250, 130, 17), (70, 300, 32), (2560, 2560, 1), (3840, 2560, 2), (2560, 6912, 1),
+    (200, 6912, 33),
 ]
 
 
@@ -119,10 +121,11 @@ def test_bitlinear_output_is_the_reference_output(isa, rng, style, monkeypatch):
         assert torch.equal(half, reference.ternary_linear(x16, layer.weight, layer.weight_scale, n, layer.bias))
 
 
-def test_threads_do_not_change_results(rng):
+@pytest.mark.parametrize("style", cpu.STYLES)
+def test_threads_do_not_change_results(rng, style):
     generator, seed = rng
-    n, k, m = 1000, 777, 3
-    weight = cpu.repack(pack_2bit(_ternary(n, k, generator)), n, "i2")
+    n, k, m = 1000, 777, 11
+    weight = cpu.repack(pack_2bit(_ternary(n, k, generator)), n, style)
     x = _activations(m, k, generator)
     before = cpu.get_threads()
     try:
@@ -130,10 +133,10 @@ def test_threads_do_not_change_results(rng):
         for threads in (1, 2, 3, 5):
             cpu.set_threads(threads)
             assert cpu.get_threads() == threads
-            results.append(cpu.ternary_matmul(x, weight, n, "i2"))
+            results.append(cpu.ternary_matmul(x, weight, n, style))
     finally:
         cpu.set_threads(before)
-    assert all(torch.equal(r, results[0]) for r in results), f"seed {seed}"
+    assert all(torch.equal(r, results[0]) for r in results), f"seed {seed}, {style}"
     with pytest.raises(ValueError):
         cpu.set_threads(0)
 
@@ -142,7 +145,8 @@ def test_style_choice(monkeypatch):
     monkeypatch.delenv("BITNET158_CPU_STYLE", raising=False)
     assert cpu.choose_style(300, 256, 1) in cpu.STYLES
     assert (300, 256, 1, cpu.isa()) in cpu._style_cache  # timed once, then remembered
-    assert cpu.choose_style(300, 256, cpu.GEMV_MAX_M + 1) == "i2"  # prefill GEMM
+    assert cpu.choose_style(300, 256, cpu.GEMV_MAX_M + 1) == cpu.gemm_style()  # a GEMM: not timed
+    assert cpu.gemm_style() == ("tiled" if cpu.isa() in ("avx2", "avx512-vnni") else "i2")
     monkeypatch.setenv("BITNET158_CPU_STYLE", "lut")
     assert cpu.choose_style(300, 256, 1) == "lut"
     monkeypatch.setenv("BITNET158_CPU_STYLE", "fast")

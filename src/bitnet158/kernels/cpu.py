@@ -1,10 +1,11 @@
 """Native CPU backend: the `bitnet158._cpu` extension (csrc/) behind `bitlinear_forward`.
 
-Two kernel styles compute the same exact int32 sums (see csrc/kernels.h): "i2" multiplies decoded
+Three kernel styles compute the same exact int32 sums (see csrc/kernels.h): "i2" multiplies decoded
 2-bit weights with int8 activations (like bitnet.cpp's I2_S), "lut" looks pairs of weights up in
-tables of pre-summed activations (like TL1). For each weight shape and batch size the first call
-times both on random weights of that shape and keeps the faster (`choose_style`); batches larger
-than `GEMV_MAX_M` are a prefill GEMM, always i2.
+tables of pre-summed activations (like TL1), "tiled" interleaves the 2-bit weights 16 output rows at a
+time so that each decoded weight vector serves up to 8 batch rows (a small-M GEMM, x86 SIMD). For each
+weight shape and batch size up to `GEMV_MAX_M` the first call times the styles on random weights of
+that shape and keeps the fastest (`choose_style`); larger batches are a GEMM: tiled on x86 SIMD, else i2.
 
 Environment:
 - BITNET158_THREADS: kernel threads (default: the CPUs this process may run on).
@@ -37,10 +38,12 @@ except ImportError as error:  # not built (no compiler at install time) or broke
 else:
     IMPORT_ERROR = None
 
-STYLES = ("i2", "lut")
-LAYOUTS = {"i2": "cpu_i2_k256", "lut": "cpu_lut_r32"}
-# Batches of at most this many rows choose a style by timing; larger ones are a prefill GEMM (i2).
+STYLES = ("i2", "lut", "tiled")
+LAYOUTS = {"i2": "cpu_i2_k256", "lut": "cpu_lut_r32", "tiled": "cpu_tiled_16x4"}
+# Batches of at most this many rows choose a style by timing; larger ones are a GEMM (`gemm_style`).
 GEMV_MAX_M = 8
+# Where the tiled style has SIMD kernels; elsewhere it runs the portable loops.
+_TILED_ISAS = ("avx2", "avx512-vnni")
 
 _style_cache: dict[tuple[int, int, int, str], str] = {}
 
@@ -205,6 +208,11 @@ def _time_style(style: str, weight: torch.Tensor, x: torch.Tensor, n: int, scale
     return best
 
 
+def gemm_style() -> str:
+    """The style of batches larger than `GEMV_MAX_M`: tiled where it has SIMD kernels, else i2."""
+    return "tiled" if _cpu.isa() in _TILED_ISAS else "i2"
+
+
 def choose_style(out_features: int, in_features: int, rows: int) -> str:
     """The faster style for this shape, timed once per process on random weights (or BITNET158_CPU_STYLE)."""
     forced = os.environ.get("BITNET158_CPU_STYLE")
@@ -212,7 +220,7 @@ def choose_style(out_features: int, in_features: int, rows: int) -> str:
         _style_id(forced)
         return forced
     if rows > GEMV_MAX_M:
-        return "i2"
+        return gemm_style()
     key = (out_features, in_features, rows, _cpu.isa())
     style = _style_cache.get(key)
     if style is None:
