@@ -2,8 +2,10 @@
 // the KV cache -> sub-norm -> o_proj (ternary) -> residual -> RMSNorm -> fused gate/up (ternary) ->
 // relu² or SiLU gate -> sub-norm -> down (ternary) -> residual; final RMSNorm and the lm_head.
 // It computes what bitnet158.model.bitnet computes, with activations in float32 whatever the model's
-// dtype (embeddings, lm_head and the KV cache may be bfloat16). Scratch buffers live in the decoder
-// and are sized on the first step: later steps allocate nothing.
+// dtype (embeddings, lm_head and the KV cache may be bfloat16). Each row of a step is one token of a
+// sequence at its own place in the cache, so a step can also carry a prompt's tokens (several rows of
+// one sequence) next to other sequences' decoding. Scratch buffers live in the decoder and grow with
+// the largest step: later steps allocate nothing.
 #include "decode.h"
 
 #include <algorithm>
@@ -54,21 +56,38 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, like torch's .
 //
 // The lm_head (a [vocab, hidden] GEMV, the largest weight of a small model) reads its rows R at a time:
 // R independent accumulator chains, and while one group of R rows is summed the next group is
-// prefetched, so the memory system always has requests in flight. Each ISA has a table of kernels
-// (`DotKernels`) picked at run time by active_isa(); bfloat16 becomes float32 by a 16-bit shift.
+// prefetched, so the memory system always has requests in flight. With several inputs (a batch), the
+// AVX-512 kernel multiplies each group by a few inputs at once, so that a loaded weight vector feeds
+// several FMAs. Each ISA has a table of kernels (`DotKernels`) picked at run time by active_isa();
+// bfloat16 becomes float32 by a 16-bit shift. Every kernel sums each (input, row) pair in the same
+// order, however many inputs and rows it takes at once: a row's logits do not depend on its batch.
 
 constexpr int kHeadRows = 4;  // lm_head rows per pass
 
 // out[r] = a . b_r for the R rows b_r = b + r * stride (elements), each n long. `ahead` is where the
 // rows of the next pass start: the kernel prefetches it (a hint only; it may equal b on the last pass).
 using RowsFn = void (*)(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out);
+// out[i * ldo + r] = x_i . b_r for the `batch` inputs x_i = x + i * ldx and kHeadRows rows b_r (as RowsFn).
+using HeadFn = void (*)(const float* x, int64_t batch, int64_t ldx, const void* b, const void* ahead, int64_t stride,
+                        int64_t n, float* out, int64_t ldo);
 using AxpyFn = void (*)(float alpha, const void* x, float* y, int64_t n);  // y += alpha * x
 
 struct DotKernels {
-  RowsFn rows[2];    // kHeadRows rows, by DType
+  HeadFn head[2];    // kHeadRows rows for a batch, by DType
   RowsFn single[2];  // one row
   AxpyFn axpy[2];
 };
+
+// A HeadFn that runs a RowsFn input by input.
+template <RowsFn Rows>
+void head_by_input(const float* x, int64_t batch, int64_t ldx, const void* b, const void* ahead, int64_t stride,
+                   int64_t n, float* out, int64_t ldo) {
+  float sums[kHeadRows];
+  for (int64_t i = 0; i < batch; ++i) {
+    Rows(x + i * ldx, b, ahead, stride, n, sums);
+    for (int r = 0; r < kHeadRows; ++r) out[i * ldo + r] = sums[r];
+  }
+}
 
 template <DType T>
 inline float element(const void* b, int64_t i) {
@@ -103,7 +122,8 @@ void axpy_portable(float alpha, const void* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * element<T>(x, i);
 }
 
-constexpr DotKernels kPortable = {{rows_portable<kF32, kHeadRows>, rows_portable<kBF16, kHeadRows>},
+constexpr DotKernels kPortable = {{head_by_input<rows_portable<kF32, kHeadRows>>,
+                                   head_by_input<rows_portable<kBF16, kHeadRows>>},
                                   {rows_portable<kF32, 1>, rows_portable<kBF16, 1>},
                                   {axpy_portable<kF32>, axpy_portable<kBF16>}};
 
@@ -192,35 +212,63 @@ inline __m512 load16_masked(const void* b, int64_t i, __mmask16 mask) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-template <DType T, int R>
-void rows_avx512(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out) {
+// out[i * ldo + r] = x_i . b_r for B inputs x_i = x + i * ldx and R rows: each weight vector loaded
+// serves B inputs.
+template <DType T, int R, int B>
+void rows_avx512_batch(const float* x, int64_t ldx, const void* b, const void* ahead, int64_t stride, int64_t n,
+                       float* out, int64_t ldo) {
   const char* row[R];
   const char* next[R];
   for (int r = 0; r < R; ++r) {
     row[r] = static_cast<const char*>(advance<T>(b, r * stride));
     next[r] = static_cast<const char*>(advance<T>(ahead, r * stride));
   }
-  __m512 acc[R][2];  // two chains per row hide the FMA latency
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 acc[B][R][2];  // two chains per pair hide the FMA latency
+  for (int i = 0; i < B; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r][0] = acc[i][r][1] = _mm512_setzero_ps();
   constexpr int kStep = T == kF32 ? 16 : 32;  // one 64-byte cache line of each row per step
-  int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    for (int r = 0; r < R; ++r) _mm_prefetch(static_cast<const char*>(advance<T>(next[r], i)), _MM_HINT_T0);
+  int64_t k = 0;
+  for (; k + kStep <= n; k += kStep) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(static_cast<const char*>(advance<T>(next[r], k)), _MM_HINT_T0);
     for (int h = 0; h < kStep; h += 16) {
-      const __m512 va = _mm512_loadu_ps(a + i + h);
-      for (int r = 0; r < R; ++r) acc[r][h / 16] = _mm512_fmadd_ps(va, load16<T>(row[r], i + h), acc[r][h / 16]);
+      __m512 va[B];
+      for (int i = 0; i < B; ++i) va[i] = _mm512_loadu_ps(x + i * ldx + k + h);
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = load16<T>(row[r], k + h);
+        for (int i = 0; i < B; ++i) acc[i][r][h / 16] = _mm512_fmadd_ps(va[i], w, acc[i][r][h / 16]);
+      }
     }
   }
-  for (; i + 16 <= n; i += 16) {
-    const __m512 va = _mm512_loadu_ps(a + i);
-    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_fmadd_ps(va, load16<T>(row[r], i), acc[r][0]);
+  for (; k + 16 <= n; k += 16)
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = load16<T>(row[r], k);
+      for (int i = 0; i < B; ++i) acc[i][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), w, acc[i][r][0]);
+    }
+  if (k < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - k)) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = load16_masked<T>(row[r], k, mask);
+      for (int i = 0; i < B; ++i)
+        acc[i][r][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i * ldx + k), w, acc[i][r][1]);
+    }
   }
-  if (i < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 va = _mm512_maskz_loadu_ps(mask, a + i);
-    for (int r = 0; r < R; ++r) acc[r][1] = _mm512_fmadd_ps(va, load16_masked<T>(row[r], i, mask), acc[r][1]);
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  for (int i = 0; i < B; ++i)
+    for (int r = 0; r < R; ++r) out[i * ldo + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][r][0], acc[i][r][1]));
+}
+
+template <DType T, int R>
+void rows_avx512(const float* a, const void* b, const void* ahead, int64_t stride, int64_t n, float* out) {
+  rows_avx512_batch<T, R, 1>(a, 0, b, ahead, stride, n, out, 0);
+}
+
+template <DType T>
+void head_avx512(const float* x, int64_t batch, int64_t ldx, const void* b, const void* ahead, int64_t stride,
+                 int64_t n, float* out, int64_t ldo) {
+  constexpr int kInputs = T == kF32 ? 4 : 2;  // the accumulators (kInputs x kHeadRows x 1 or 2 chains) fill 16 registers
+  int64_t i = 0;
+  for (; i + kInputs <= batch; i += kInputs)
+    rows_avx512_batch<T, kHeadRows, kInputs>(x + i * ldx, ldx, b, ahead, stride, n, out + i * ldo, ldo);
+  for (; i < batch; ++i) rows_avx512_batch<T, kHeadRows, 1>(x + i * ldx, ldx, b, ahead, stride, n, out + i * ldo, ldo);
 }
 
 template <DType T>
@@ -236,10 +284,10 @@ void axpy_avx512(float alpha, const void* x, float* y, int64_t n) {
 }
 END_TARGET
 
-constexpr DotKernels kAvx2 = {{rows_avx2<kF32, kHeadRows>, rows_avx2<kBF16, kHeadRows>},
+constexpr DotKernels kAvx2 = {{head_by_input<rows_avx2<kF32, kHeadRows>>, head_by_input<rows_avx2<kBF16, kHeadRows>>},
                               {rows_avx2<kF32, 1>, rows_avx2<kBF16, 1>},
                               {axpy_avx2<kF32>, axpy_avx2<kBF16>}};
-constexpr DotKernels kAvx512 = {{rows_avx512<kF32, kHeadRows>, rows_avx512<kBF16, kHeadRows>},
+constexpr DotKernels kAvx512 = {{head_avx512<kF32>, head_avx512<kBF16>},
                                 {rows_avx512<kF32, 1>, rows_avx512<kBF16, 1>},
                                 {axpy_avx512<kF32>, axpy_avx512<kBF16>}};
 #endif
@@ -291,7 +339,8 @@ struct Decoder {
   std::vector<Layer> layers;
   // scratch, sized for `batch` rows
   int64_t batch = 0;
-  std::vector<float> x, h, qkv, attn, gate_up, act, scores, scales, trig;
+  std::vector<float> x, h, qkv, attn, gate_up, act, scales, trig;
+  std::vector<float> scores;  // attention scores, max_len per pool thread
   std::vector<int8_t> codes;
   std::vector<int32_t> sums;
 };
@@ -311,7 +360,7 @@ void ensure_batch(Decoder& d, int64_t batch, int64_t max_len) {
     d.sums.resize(batch);
     d.codes.resize(batch * i2_padded_k(std::max(std::max(d.hidden, q), d.intermediate)));
   }
-  if (static_cast<int64_t>(d.scores.size()) < batch * d.heads * max_len) d.scores.resize(batch * d.heads * max_len);
+  if (static_cast<int64_t>(d.scores.size()) < pool().threads() * max_len) d.scores.resize(pool().threads() * max_len);
 }
 
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
@@ -335,10 +384,23 @@ void ternary(Decoder& d, const Ternary& t, const float* in, int64_t ldi, int64_t
 
 struct KV {
   void* keys;
-  void* values;  // [layers, batch, kv_heads, max_len, head_dim]
+  void* values;  // [layers, rows, kv_heads, max_len, head_dim]
   DType dtype;
-  int64_t max_len;
+  int64_t rows, max_len;
 };
+
+// Where one sequence of the batch lives in the KV cache: a KVCache row of left-padded sequences, or
+// a SlotCache slot with its own length.
+struct Place {
+  int64_t row;       // its cache row
+  int64_t length;    // keys it holds: the new token's key and value go to this position
+  int64_t first;     // its first visible key (past the left padding); the new key is always visible
+  int64_t position;  // the new token's rotary position
+};
+
+inline int64_t kv_index(const KV& kv, const Decoder& d, int64_t layer, const Place& place, int64_t kv_head, int64_t key) {
+  return (((layer * kv.rows + place.row) * d.kv_heads + kv_head) * kv.max_len + key) * d.head_dim;
+}
 
 void store_kv(void* base, DType dtype, int64_t index, const float* src, int64_t n) {
   if (dtype == kF32) {
@@ -361,34 +423,35 @@ void rope(float* x, const float* cos, const float* sin, int64_t half) {
 struct AttentionJob {
   Decoder* d;
   const KV* kv;
-  int64_t layer, batch, length;  // `length` is the new token's slot
-  const int64_t* padding;
+  int64_t layer, batch;
+  const Place* places;
 };
 
-void attention_rows(void* p, int t, int nt) {
+// Tasks [begin, end) of the batch's (row, head) pairs.
+void attention_rows(void* p, int64_t begin, int64_t end, int thread) {
   auto& j = *static_cast<AttentionJob*>(p);
   Decoder& d = *j.d;
   const int64_t q_size = d.heads * d.head_dim, kv_size = d.kv_heads * d.head_dim, qkv_size = q_size + 2 * kv_size;
-  const int64_t group = d.heads / d.kv_heads, hd = d.head_dim, tasks = j.batch * d.heads;
+  const int64_t group = d.heads / d.kv_heads, hd = d.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  for (int64_t task = tasks * t / nt; task < tasks * (t + 1) / nt; ++task) {
+  float* scores = d.scores.data() + thread * j.kv->max_len;
+  for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / d.heads, head = task % d.heads, kv_head = head / group;
+    const Place& place = j.places[b];
     const float* q = d.qkv.data() + b * qkv_size + head * hd;
-    const int64_t cache_row = ((j.layer * j.batch + b) * d.kv_heads + kv_head) * j.kv->max_len;
-    // Visible: the sequence's own slots from its first real token up to the new one (a pad query sees itself).
-    const int64_t first = std::min<int64_t>(std::max<int64_t>(j.padding[b], 0), j.length);
-    float* scores = d.scores.data() + task * j.kv->max_len;
+    const int64_t base = kv_index(*j.kv, d, j.layer, place, kv_head, 0);
+    // Visible: the sequence's own keys from its first real token up to the new one (a pad query sees itself).
     float top = -INFINITY;
-    for (int64_t slot = first; slot <= j.length; ++slot) {
-      scores[slot] = dot(q, offset(j.kv->keys, j.kv->dtype, (cache_row + slot) * hd), j.kv->dtype, hd) * scale;
-      top = std::max(top, scores[slot]);
+    for (int64_t key = place.first; key <= place.length; ++key) {
+      scores[key] = dot(q, offset(j.kv->keys, j.kv->dtype, base + key * hd), j.kv->dtype, hd) * scale;
+      top = std::max(top, scores[key]);
     }
     float total = 0;
-    for (int64_t slot = first; slot <= j.length; ++slot) total += scores[slot] = std::exp(scores[slot] - top);
+    for (int64_t key = place.first; key <= place.length; ++key) total += scores[key] = std::exp(scores[key] - top);
     float* out = d.attn.data() + b * q_size + head * hd;
     std::fill(out, out + hd, 0.0f);
-    for (int64_t slot = first; slot <= j.length; ++slot)
-      axpy(scores[slot] / total, offset(j.kv->values, j.kv->dtype, (cache_row + slot) * hd), j.kv->dtype, out, hd);
+    for (int64_t key = place.first; key <= place.length; ++key)
+      axpy(scores[key] / total, offset(j.kv->values, j.kv->dtype, base + key * hd), j.kv->dtype, out, hd);
   }
 }
 
@@ -399,24 +462,20 @@ struct HeadJob {
   float* logits;   // [batch, vocab]
 };
 
-// Each thread takes a contiguous range of vocabulary rows, kHeadRows at a time (the rest one by one),
-// and multiplies every group by all `batch` inputs while its rows are in cache.
-void lm_head_rows(void* p, int t, int nt) {
+// A chunk [begin, end) of vocabulary rows (begin a multiple of kHeadRows), kHeadRows at a time (the
+// rest one by one): every group is multiplied by all `batch` inputs while its rows are in cache.
+void lm_head_rows(void* p, int64_t begin, int64_t end, int) {
   auto& j = *static_cast<HeadJob*>(p);
   const Decoder& d = *j.d;
   const DotKernels& k = kernels();
-  const RowsFn rows = k.rows[d.head_dtype], single = k.single[d.head_dtype];
-  const int64_t begin = d.vocab * t / nt, end = d.vocab * (t + 1) / nt;
-  float out[kHeadRows];
+  const HeadFn head = k.head[d.head_dtype];
+  const RowsFn single = k.single[d.head_dtype];
   int64_t v = begin;
   for (; v + kHeadRows <= end; v += kHeadRows) {
     const void* group = offset(d.lm_head, d.head_dtype, v * d.hidden);
-    // prefetch the next group, or this one again on the last pass (never past the thread's range)
+    // prefetch the next group, or this one again on the last pass (never past the chunk)
     const void* ahead = v + 2 * kHeadRows <= end ? offset(group, d.head_dtype, kHeadRows * d.hidden) : group;
-    for (int64_t b = 0; b < j.batch; ++b) {
-      rows(j.x + b * d.hidden, group, ahead, d.hidden, d.hidden, out);
-      for (int r = 0; r < kHeadRows; ++r) j.logits[b * d.vocab + v + r] = out[r];
-    }
+    head(j.x, j.batch, d.hidden, group, ahead, d.hidden, d.hidden, j.logits + v, d.vocab);
   }
   for (; v < end; ++v) {
     const void* row = offset(d.lm_head, d.head_dtype, v * d.hidden);
@@ -424,13 +483,21 @@ void lm_head_rows(void* p, int t, int nt) {
   }
 }
 
-void lm_head(const Decoder& d, const float* x, int64_t batch, float* logits) {
-  HeadJob head{&d, batch, x, logits};
-  pool().run(lm_head_rows, &head);
+// A chunk size for `count` items: about 8 chunks per thread (so that a thread the OS does not run
+// leaves little to the others), a multiple of `unit`.
+int64_t grain(int64_t count, int64_t unit) {
+  const int64_t chunks = 8 * pool().threads(), size = (count + chunks - 1) / chunks;
+  return std::max(unit, (size + unit - 1) / unit * unit);
 }
 
-void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const int64_t* padding, const KV& kv,
-          float* logits) {
+void lm_head(const Decoder& d, const float* x, int64_t batch, float* logits) {
+  HeadJob head{&d, batch, x, logits};
+  pool().parallel_for(d.vocab, grain(d.vocab, kHeadRows), lm_head_rows, &head);
+}
+
+// Logits [n_out, vocab] for the rows `outputs` (every row if null) of the batch.
+void step(Decoder& d, const int64_t* ids, int64_t batch, const Place* places, const KV& kv, const int64_t* outputs,
+          int64_t n_out, float* logits) {
   ensure_batch(d, batch, kv.max_len);
   const int64_t D = d.hidden, hd = d.head_dim, half = hd / 2;
   const int64_t q_size = d.heads * hd, kv_size = d.kv_heads * hd, qkv_size = q_size + 2 * kv_size;
@@ -442,11 +509,13 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const i
     for (int64_t i = 0; i < D; ++i)
       x[b * D + i] = d.embed_dtype == kF32 ? static_cast<const float*>(row)[i] : bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
   }
-  // cos/sin of each row's position (slot minus left padding)
+  // cos/sin of each row's position
   float* cos_ = d.trig.data();
   float* sin_ = d.trig.data() + batch * half;
+  int64_t keys = 0;  // keys the attention reads, to decide whether it is worth the threads
   for (int64_t b = 0; b < batch; ++b) {
-    const float pos = static_cast<float>(std::max<int64_t>(length - padding[b], 0));
+    keys += places[b].length + 1 - places[b].first;
+    const float pos = static_cast<float>(places[b].position);
     for (int64_t i = 0; i < half; ++i) {
       const float angle = pos * d.inv_freq[i];
       cos_[b * half + i] = std::cos(angle);
@@ -462,16 +531,16 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const i
       float* row = d.qkv.data() + b * qkv_size;
       for (int64_t head = 0; head < d.heads + d.kv_heads; ++head) rope(row + head * hd, cos_ + b * half, sin_ + b * half, half);
       for (int64_t g = 0; g < d.kv_heads; ++g) {
-        const int64_t index = (((l * batch + b) * d.kv_heads + g) * kv.max_len + length) * hd;
+        const int64_t index = kv_index(kv, d, l, places[b], g, places[b].length);
         store_kv(kv.keys, kv.dtype, index, row + q_size + g * hd, hd);
         store_kv(kv.values, kv.dtype, index, row + q_size + kv_size + g * hd, hd);
       }
     }
-    AttentionJob job{&d, &kv, l, batch, length, padding};
-    if (batch * d.heads * (length + 1) * hd > 1 << 16)
-      pool().run(attention_rows, &job);
+    AttentionJob job{&d, &kv, l, batch, places};
+    if (keys * d.heads * hd > 1 << 16)
+      pool().parallel_for(batch * d.heads, grain(batch * d.heads, 1), attention_rows, &job);
     else
-      attention_rows(&job, 0, 1);
+      attention_rows(&job, 0, batch * d.heads, 0);
     for (int64_t b = 0; b < batch; ++b) rms_norm(d.attn.data() + b * q_size, layer.attn_sub_norm, q_size, d.eps, h + b * q_size);
     ternary(d, layer.o, h, q_size, batch, d.attn.data());  // attn is free again: o_proj's output
     for (int64_t i = 0; i < batch * D; ++i) x[i] += d.attn[i];
@@ -492,8 +561,8 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, int64_t length, const i
     ternary(d, layer.down, d.act.data(), I, batch, d.attn.data());
     for (int64_t i = 0; i < batch * D; ++i) x[i] += d.attn[i];
   }
-  for (int64_t b = 0; b < batch; ++b) rms_norm(x + b * D, d.final_norm, D, d.eps, h + b * D);
-  lm_head(d, h, batch, logits);
+  for (int64_t i = 0; i < n_out; ++i) rms_norm(x + (outputs ? outputs[i] : i) * D, d.final_norm, D, d.eps, h + i * D);
+  lm_head(d, h, n_out, logits);
 }
 
 template <typename T>
@@ -571,13 +640,17 @@ PyObject* py_decoder_lm_head(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
-// decoder_step(decoder, ids, batch, length, padding, keys, values, kv_dtype, max_len, logits)
+// decoder_step(decoder, ids, batch, places, keys, values, kv_dtype, kv_rows, max_len, outputs, n_out, logits):
+// one new token per row; places is int64 [batch, 4]: each row's cache row, keys held (its token's
+// position), first visible key and rotary position. Rows may share a cache row at consecutive
+// positions (a prompt chunk): every row's key and value are stored before any row attends. Logits
+// [n_out, vocab] for the rows listed in outputs (int64 [n_out]; 0 for every row, n_out = batch).
 PyObject* py_decoder_step(PyObject*, PyObject* args) {
   PyObject* capsule;
-  long long ids, batch, length, padding, keys, values, max_len, logits;
+  long long ids, batch, places, keys, values, kv_rows, max_len, outputs, n_out, logits;
   int kv_dtype;
-  if (!PyArg_ParseTuple(args, "OLLLLLLiLL", &capsule, &ids, &batch, &length, &padding, &keys, &values, &kv_dtype,
-                        &max_len, &logits))
+  if (!PyArg_ParseTuple(args, "OLLLLLiLLLLL", &capsule, &ids, &batch, &places, &keys, &values, &kv_dtype, &kv_rows,
+                        &max_len, &outputs, &n_out, &logits))
     return nullptr;
   auto* d = static_cast<Decoder*>(PyCapsule_GetPointer(capsule, "bitnet158.Decoder"));
   if (d == nullptr) return nullptr;
@@ -586,12 +659,25 @@ PyObject* py_decoder_step(PyObject*, PyObject* args) {
     if (tokens[b] < 0 || tokens[b] >= d->vocab)
       return PyErr_Format(PyExc_IndexError, "token id %lld is outside the vocabulary of %lld", static_cast<long long>(tokens[b]),
                           static_cast<long long>(d->vocab));
-  if (length < 0 || length >= max_len)
-    return PyErr_Format(PyExc_ValueError, "slot %lld is outside a KV cache of %lld", length, max_len);
-  KV kv{ptr<void>(keys), ptr<void>(values), static_cast<DType>(kv_dtype), max_len};
+  const Place* rows = ptr<const Place>(places);
+  for (long long b = 0; b < batch; ++b) {
+    const Place& p = rows[b];
+    if (p.row < 0 || p.row >= kv_rows || p.length < 0 || p.length >= max_len || p.first < 0 || p.first > p.length ||
+        p.position < 0)
+      return PyErr_Format(PyExc_ValueError, "sequence %lld: row %lld, length %lld, first key %lld, position %lld do "
+                          "not fit a KV cache of %lld rows of %lld", b, static_cast<long long>(p.row),
+                          static_cast<long long>(p.length), static_cast<long long>(p.first),
+                          static_cast<long long>(p.position), kv_rows, max_len);
+  }
+  const int64_t* wanted = ptr<const int64_t>(outputs);
+  if (!wanted && n_out != batch) return PyErr_Format(PyExc_ValueError, "%lld outputs of %lld rows", n_out, batch);
+  for (long long i = 0; wanted && i < n_out; ++i)
+    if (wanted[i] < 0 || wanted[i] >= batch)
+      return PyErr_Format(PyExc_IndexError, "output row %lld of %lld rows", static_cast<long long>(wanted[i]), batch);
+  KV kv{ptr<void>(keys), ptr<void>(values), static_cast<DType>(kv_dtype), kv_rows, max_len};
   Py_BEGIN_ALLOW_THREADS {
     std::lock_guard<std::mutex> lock(kernel_lock());
-    step(*d, ptr<const int64_t>(ids), batch, length, ptr<const int64_t>(padding), kv, ptr<float>(logits));
+    step(*d, ptr<const int64_t>(ids), batch, rows, kv, wanted, n_out, ptr<float>(logits));
   }
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }

@@ -96,17 +96,21 @@ static inline uint8_t stored_code(const uint8_t* packed, int64_t n, int64_t k, i
   return (packed[(row % packed_rows) * k + col] >> (2 * (row / packed_rows))) & 3;
 }
 
-static void parallel_rows(int64_t rows, void (*body)(void*, int64_t, int64_t), void* ctx) {
+// body(ctx, begin, end) over [0, rows) on the thread pool, in chunks of a multiple of `unit` rows, about
+// 8 per thread: small enough that a thread the OS does not run leaves little behind, large enough that
+// taking them costs next to nothing.
+static void parallel_rows(int64_t rows, int64_t unit, void (*body)(void*, int64_t, int64_t), void* ctx) {
   struct Job {
-    int64_t rows;
     void (*body)(void*, int64_t, int64_t);
     void* ctx;
-  } job{rows, body, ctx};
-  pool().run(
-      [](void* p, int t, int nt) {
-        auto* j = static_cast<Job*>(p);
-        int64_t begin = j->rows * t / nt, end = j->rows * (t + 1) / nt;
-        if (begin < end) j->body(j->ctx, begin, end);
+  } job{body, ctx};
+  const int64_t chunks = 8 * pool().threads();
+  const int64_t grain = std::max(unit, round_up((rows + chunks - 1) / chunks, unit));
+  pool().parallel_for(
+      rows, grain,
+      [](void* p, int64_t begin, int64_t end, int) {
+        const auto* j = static_cast<Job*>(p);
+        j->body(j->ctx, begin, end);
       },
       &job);
 }
@@ -119,7 +123,7 @@ struct RepackJob {
 
 void repack_i2(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
   RepackJob job{packed, n, k, out};
-  parallel_rows(n, [](void* p, int64_t begin, int64_t end) {
+  parallel_rows(n, 16, [](void* p, int64_t begin, int64_t end) {
     auto* j = static_cast<RepackJob*>(p);
     const int64_t kp = i2_padded_k(j->k);
     for (int64_t row = begin; row < end; ++row) {
@@ -137,7 +141,7 @@ void repack_i2(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
 
 void repack_lut(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
   RepackJob job{packed, n, k, out};
-  parallel_rows(round_up(n, 32) / 32, [](void* p, int64_t begin, int64_t end) {
+  parallel_rows(round_up(n, 32) / 32, 1, [](void* p, int64_t begin, int64_t end) {
     auto* j = static_cast<RepackJob*>(p);
     const int64_t chunks = lut_padded_k(j->k) / 4;
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -160,7 +164,7 @@ void repack_lut(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
 
 void repack_tiled(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
   RepackJob job{packed, n, k, out};
-  parallel_rows(round_up(n, 16) / 16, [](void* p, int64_t begin, int64_t end) {
+  parallel_rows(round_up(n, 16) / 16, 1, [](void* p, int64_t begin, int64_t end) {
     auto* j = static_cast<RepackJob*>(p);
     const int64_t blocks = tiled_padded_k(j->k) / 16;
     for (int64_t tile = begin; tile < end; ++tile)
@@ -678,10 +682,10 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
   if (style == Style::kTiled) {
     const int64_t tiles = round_up(n, 16) / 16;
 #if defined(BITNET158_X86)
-    if (isa == Isa::kAvx512) return parallel_rows(tiles, tiled_tiles_avx512, &job);
-    if (isa == Isa::kAvx2) return parallel_rows(tiles, tiled_tiles_avx2, &job);
+    if (isa == Isa::kAvx512) return parallel_rows(tiles, 2, tiled_tiles_avx512, &job);  // tiles go in pairs
+    if (isa == Isa::kAvx2) return parallel_rows(tiles, 1, tiled_tiles_avx2, &job);
 #endif
-    return parallel_rows(tiles, tiled_tiles_portable, &job);
+    return parallel_rows(tiles, 1, tiled_tiles_portable, &job);
   }
   if (style == Style::kLut) {
     const int64_t chunks = lut_padded_k(k) / 4;
@@ -698,9 +702,9 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
     job.tables = g_tables.data();
     const int64_t tiles = round_up(n, 32) / 32;
 #if defined(BITNET158_X86)
-    if (isa != Isa::kPortable) return parallel_rows(tiles, lut_tiles_avx2, &job);
+    if (isa != Isa::kPortable) return parallel_rows(tiles, 1, lut_tiles_avx2, &job);
 #endif
-    return parallel_rows(tiles, lut_tiles_portable, &job);
+    return parallel_rows(tiles, 1, lut_tiles_portable, &job);
   }
 #if defined(BITNET158_X86)
   if (isa == Isa::kAvx512) {
@@ -708,14 +712,14 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
     for (int64_t row = 0; row < m; ++row)
       permute_for_avx512(codes + row * job.kp, job.kp, g_permuted.data() + row * job.kp);
     job.codes = g_permuted.data();
-    return parallel_rows(n, i2_rows_simd<i2_tile_avx512<4>, i2_tile_avx512<2>, i2_tile_avx512<1>>, &job);
+    return parallel_rows(n, 16, i2_rows_simd<i2_tile_avx512<4>, i2_tile_avx512<2>, i2_tile_avx512<1>>, &job);
   }
-  if (isa == Isa::kAvx2) return parallel_rows(n, i2_rows_simd<i2_tile_avx2<4>, i2_tile_avx2<2>, i2_tile_avx2<1>>, &job);
+  if (isa == Isa::kAvx2) return parallel_rows(n, 16, i2_rows_simd<i2_tile_avx2<4>, i2_tile_avx2<2>, i2_tile_avx2<1>>, &job);
 #endif
 #if defined(BITNET158_NEON)
-  if (isa == Isa::kNeon) return parallel_rows(n, i2_rows_neon, &job);
+  if (isa == Isa::kNeon) return parallel_rows(n, 16, i2_rows_neon, &job);
 #endif
-  parallel_rows(n, i2_rows_portable, &job);
+  parallel_rows(n, 16, i2_rows_portable, &job);
 }
 
 }  // namespace bitnet158

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -60,6 +61,12 @@ void ThreadPool::stop_workers() {
   workers_.clear();
 }
 
+static constexpr uint64_t kFieldBits = 24, kFieldMask = (uint64_t{1} << kFieldBits) - 1;
+
+static uint64_t job_word(uint64_t generation, uint64_t chunks, uint64_t next) {
+  return ((generation & 0xffff) << (2 * kFieldBits)) | (chunks << kFieldBits) | next;
+}
+
 void ThreadPool::worker_loop(int index, uint64_t seen) {
   for (;;) {
     auto started = std::chrono::steady_clock::now();
@@ -73,27 +80,49 @@ void ThreadPool::worker_loop(int index, uint64_t seen) {
     }
     seen = generation_.load(std::memory_order_acquire);
     if (stop_.load()) return;
-    fn_(ctx_, index, threads_);
-    pending_.fetch_sub(1, std::memory_order_release);
+    work(index, seen);
   }
 }
 
-void ThreadPool::run(TaskFn fn, void* ctx) {
+// Takes chunks of job `generation` until none is left. A chunk is claimed by one compare-and-swap on
+// the job word, which fails once a newer job has replaced it; the job's fields are read only after a
+// claim, and they cannot change before the claimed chunk is done.
+void ThreadPool::work(int thread, uint64_t generation) {
+  uint64_t word = next_.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t chunks = (word >> kFieldBits) & kFieldMask, chunk = word & kFieldMask;
+    if (word >> (2 * kFieldBits) != (generation & 0xffff) || chunk >= chunks) return;
+    if (!next_.compare_exchange_weak(word, word + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    const int64_t begin = static_cast<int64_t>(chunk) * grain_;
+    fn_(ctx_, begin, std::min(count_, begin + grain_), thread);
+    done_.fetch_add(1, std::memory_order_release);
+    word = next_.load(std::memory_order_acquire);
+  }
+}
+
+void ThreadPool::parallel_for(int64_t count, int64_t grain, RangeFn fn, void* ctx) {
+  if (count <= 0) return;
   if (owner_pid_ != getpid()) set_threads(threads_);  // first use, or first use after a fork
-  if (threads_ == 1) {
-    fn(ctx, 0, 1);
+  grain = std::max<int64_t>(grain, (count + static_cast<int64_t>(kFieldMask) - 1) / static_cast<int64_t>(kFieldMask));
+  const int64_t chunks = (count + grain - 1) / grain;
+  if (threads_ == 1 || chunks == 1) {
+    fn(ctx, 0, count, 0);
     return;
   }
   fn_ = fn;
   ctx_ = ctx;
-  pending_.store(threads_ - 1, std::memory_order_relaxed);
+  count_ = count;
+  grain_ = grain;
+  done_.store(0, std::memory_order_relaxed);
+  const uint64_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  next_.store(job_word(generation, chunks, 0), std::memory_order_release);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    generation_.fetch_add(1, std::memory_order_release);
+    generation_.store(generation, std::memory_order_release);
   }
   wake_.notify_all();
-  fn(ctx, 0, threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  work(0, generation);
+  while (done_.load(std::memory_order_acquire) != chunks) cpu_relax();
 }
 
 }  // namespace bitnet158

@@ -11,6 +11,7 @@ from bitnet158.generation.generate import generate_tokens
 from bitnet158.generation.sampling import SamplingParams
 from bitnet158.kernels import cpu, cpu_decode
 from bitnet158.model import KVCache
+from bitnet158.model.slot_cache import SlotCache
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels unavailable: {cpu.IMPORT_ERROR}")
 
@@ -81,9 +82,64 @@ def test_falls_back_where_it_does_not_apply(model):
         assert cpu_decode.decode_step(model, token, cache) is None
     with torch.no_grad():
         assert cpu_decode.decode_step(model, torch.tensor([[5, 6]]), cache) is None  # not one token
-        assert cpu_decode.decode_step(model, token, object()) is None  # not a KVCache (the server's slots)
+        assert cpu_decode.decode_step(model, token, object()) is None  # neither a KVCache nor a SlotBatch
+        slots = SlotCache(model.config, 2, 8)
+        assert cpu_decode.decode_step(model, torch.tensor([[5]]), slots.batch([0], [1])) is not None
+        assert cpu_decode.decode_step(model, torch.tensor([[5, 6]]), slots.batch([1], [2])) is None  # a prefill
         with pytest.raises(IndexError, match="vocabulary"):
             cpu_decode.decode_step(model, torch.tensor([[model.config.vocab_size]]), cache)
+
+
+@torch.inference_mode()
+def test_slot_steps_match_the_pytorch_forward(model, isa, assert_logits_match):
+    """Prompt chunks and decoding tokens of several slots in one native step: every slot's logits are those of
+    the model's own forward over its whole sequence, and stale keys in a slot are never seen."""
+    cache = SlotCache(model.config, num_slots=4, max_length=32)
+    cache.keys.normal_()
+    cache.values.normal_()
+    prompts = {0: [0, 5, 17, 400, 3, 99, 8000], 2: [0, 7, 8], 3: [0, 12, 300, 41, 5]}
+    sequences = {slot: [] for slot in prompts}
+    # (slot, new tokens) per step: whole prompts, chunks of prompts and decoding side by side
+    steps = [[(0, prompts[0]), (2, prompts[2][:2]), (3, prompts[3][:1])],
+             [(0, [11]), (2, prompts[2][2:]), (3, prompts[3][1:])],
+             [(0, [12]), (2, [13]), (3, [14])],
+             [(3, [15]), (0, [16])]]
+    actual, expected = [], []
+    for work in steps:
+        slots, tokens = [slot for slot, _ in work], [new for _, new in work]
+        logits = cpu_decode.forward_slots(model, cache, slots, tokens)
+        for row, (slot, new) in enumerate(work):
+            sequences[slot] += new
+            assert cache.lengths[slot] == len(sequences[slot])
+            actual.append(logits[row])
+            expected.append(model(torch.tensor([sequences[slot]]))[0, -1])
+    assert_logits_match(torch.stack(actual), torch.stack(expected))
+
+
+@torch.inference_mode()
+def test_slot_rows_do_not_depend_on_chunks_or_neighbours(model, isa):
+    """A sequence gets the same logits and cache entries, bit for bit, alone with its whole prompt, fed token by
+    token, or cut into other chunks in another slot beside other sequences (what the server relies on)."""
+    prompt, continuation = [0, 5, 17, 400, 3, 99, 8000, 12, 7], [44, 45, 46]
+    others = [[0, 9, 8, 7, 6, 5], [0, 100, 101], [0, 1000, 2000, 3000]]
+
+    def run(slot: int, chunks: list[list[int]], neighbours: list[list[list[int]]]) -> tuple[torch.Tensor, ...]:
+        cache = SlotCache(model.config, num_slots=4, max_length=32)
+        logits = []
+        for step, chunk in enumerate(chunks + [[t] for t in continuation]):
+            extra = [n[step] for n in neighbours if step < len(n)]
+            free = [s for s in range(4) if s != slot][: len(extra)]
+            out = cpu_decode.forward_slots(model, cache, [*free, slot], [*extra, chunk])
+            logits.append(out[-1])
+        end = len(prompt) + len(continuation)
+        return torch.stack(logits[len(chunks) - 1:]), cache.keys[:, slot, :, :end], cache.values[:, slot, :, :end]
+
+    alone = run(0, [prompt], [])
+    by_token = run(1, [[t] for t in prompt], [])
+    mixed = run(3, [prompt[:3], prompt[3:7], prompt[7:]], [[o[:2], o[2:], [1], [2], [3]] for o in others])
+    for other in (by_token, mixed):
+        for a, b in zip(alone, other, strict=True):
+            assert torch.equal(a, b)
 
 
 @torch.inference_mode()
@@ -97,6 +153,24 @@ def test_new_weights_rebuild_the_decoder():
         layer.set_weight(torch.randn(layer.out_features, layer.in_features))
     after = cpu_decode.decode_step(model, tokens, _copy(cache))  # a new cache: the weights are checked
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_lm_head_rows_do_not_depend_on_the_batch(isa, dtype):
+    # Batches of every size up to 9 pass rows through the kernels' groups of 4 or 2 inputs and the rest.
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(1031, 519, generator=generator).to(dtype)
+    x = torch.randn(9, 519, generator=generator)
+    handle, keep = _head_only_decoder(weight)
+
+    def logits(rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], 1031)
+        cpu._cpu.decoder_lm_head(handle, rows.data_ptr(), rows.shape[0], out.data_ptr())
+        return out
+
+    alone = torch.cat([logits(x[i : i + 1].clone()) for i in range(9)])
+    for batch in range(2, 10):
+        assert torch.equal(logits(x[:batch].clone()), alone[:batch]), f"{isa} {dtype} batch {batch}"
 
 
 def _head_only_decoder(weight: torch.Tensor):
