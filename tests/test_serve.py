@@ -140,12 +140,12 @@ def test_concurrent_streams_get_the_lone_greedy_text(url):
     prompts = ["import os\n", "class Stack:\n", "def main():\n", "from typing import", "x = [", "# Copyright",
                "    return", "if __name__"]
     lone_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    lone = [lone_client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+    lone = [lone_client.completions.create(model=MODEL, prompt=p, max_tokens=48, temperature=0).choices[0].text
             for p in prompts]
 
     async def one(client: openai.AsyncOpenAI, index: int) -> str:
-        await asyncio.sleep(0.03 * index)  # staggered: most join a batch that is already decoding
-        stream = await client.completions.create(model=MODEL, prompt=prompts[index % len(prompts)], max_tokens=16,
+        await asyncio.sleep(0.003 * index)  # staggered: most join a batch that is already decoding
+        stream = await client.completions.create(model=MODEL, prompt=prompts[index % len(prompts)], max_tokens=48,
                                                  temperature=0, stream=True)
         return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server with continuous batching.
 
 engine.py runs the loop on its own thread: scheduler.py decides which requests run (admitting queued
-ones into free cache slots between steps, retiring finished and cancelled ones) and runner.py runs
-the model over them (prefill into a slot, one batched decode step, a per-row sampling step).
+ones into free cache slots between steps, handing out prompt tokens within a budget per step, retiring
+finished and cancelled ones) and runner.py runs the model over them (prompt chunks and one token per
+decoding request in one step, then a per-row sampling step).
 app.py is the FastAPI application that turns HTTP requests into engine requests.
 """
 

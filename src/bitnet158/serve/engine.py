@@ -1,5 +1,6 @@
-"""The engine thread: between decode steps it drops cancelled requests and prefills newly admitted
-ones; then it decodes one token for every running request and retires those that have finished."""
+"""The engine thread: each step it drops cancelled requests, feeds the model the step's prompt tokens
+(of newly admitted requests, or the rest of long prompts) together with one token of every decoding
+request, samples a token for each request that has logits, and retires those that have finished."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import torch
 
 from bitnet158.serve.metrics import Metrics
-from bitnet158.serve.request import Delta, Failed, Finished, Request
+from bitnet158.serve.request import Delta, Event, Failed, Finished, Request, send_all
 from bitnet158.serve.runner import ModelRunner, sample
 from bitnet158.serve.scheduler import Scheduler
 
@@ -53,7 +54,7 @@ class Engine:
                 self.step()
             except Exception:  # a bug must not leave clients waiting forever: fail everything running
                 log.exception("engine step failed")
-                for request in self.scheduler.decoding(exclude=[]):
+                for request in self.scheduler.all_running():
                     request.send(Failed("internal error in the engine"))
                     self._retire(request)
 
@@ -61,36 +62,37 @@ class Engine:
         for request in self.scheduler.drop_cancelled():
             if request.slot is not None:
                 self.runner.release(request.slot)
-        admitted = self.scheduler.admit()
-        if admitted:
-            self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in admitted))
-            self._advance(admitted, self.runner.prefill(admitted))
-        decoding = self.scheduler.decoding(exclude=admitted)
-        if decoding:
-            self._advance(decoding, self.runner.decode(decoding))
+        decoding = self.scheduler.decoding()
+        prompts = self.scheduler.admit(chunked=self.runner.chunked_prompts)
+        if prompts:
+            self.metrics.prompt_tokens.inc(sum(len(chunk) for _, chunk in prompts))
+        if prompts or decoding:
+            self._advance(*self.runner.step(prompts, decoding))
         self._report_load()
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's token, send its text, and retire the request if it is done."""
+        events: list[tuple[Request, Event]] = []
         for request, (token, logprob) in zip(requests, sample(logits, requests), strict=True):
             request.generated += 1
             request.last_token = token
             if request.generated == 1:
                 self.metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
-            self.metrics.generated_tokens.inc()
             if token in self.eos_ids:
-                request.send(Delta(request.detokenizer.finish(), logprob))
-                self._finish(request, "stop")
+                events.append((request, Delta(request.detokenizer.finish(), logprob)))
+                self._finish(request, "stop", events)
                 continue
-            request.send(Delta(request.detokenizer.push(token), logprob))
+            events.append((request, Delta(request.detokenizer.push(token), logprob)))
             if request.detokenizer.finished:  # a stop string
-                self._finish(request, "stop")
+                self._finish(request, "stop", events)
             elif request.generated >= request.params.max_new_tokens:  # the API keeps prompt + max_tokens in context
-                request.send(Delta(request.detokenizer.finish(), None))
-                self._finish(request, "length")
+                events.append((request, Delta(request.detokenizer.finish(), None)))
+                self._finish(request, "length", events)
+        self.metrics.generated_tokens.inc(len(requests))
+        send_all(events)
 
-    def _finish(self, request: Request, reason: str) -> None:
-        request.send(Finished(reason, len(request.prompt_ids), request.generated))
+    def _finish(self, request: Request, reason: str, events: list[tuple[Request, Event]]) -> None:
+        events.append((request, Finished(reason, len(request.prompt_ids), request.generated)))
         self.metrics.latency.observe(time.monotonic() - request.arrived)
         self._retire(request)
 

@@ -62,6 +62,7 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     generator: torch.Generator | None = None
     slot: int | None = None
+    prompt_done: int = 0  # prompt tokens handed to the model: in the slot's cache, or in the current step
     last_token: int | None = None
     generated: int = 0
     cancelled: bool = False
@@ -69,3 +70,18 @@ class Request:
 
     def send(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def send_all(events: list[tuple[Request, Event]]) -> None:
+    """`request.send(event)` for each pair, with one wake-up of each event loop rather than one per event:
+    a decode step hands every running request its token at once. Each request's events keep their order."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+    for request, event in events:
+        by_loop.setdefault(request.loop, []).append((request.events, event))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

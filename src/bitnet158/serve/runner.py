@@ -1,4 +1,4 @@
-"""Runs the model for the engine: prefill prompts into cache slots, decode one token for a batch of
+"""Runs the model for the engine: feed prompt chunks and decoding requests' last tokens into their cache
 slots, and pick each row's next token with that row's own sampling parameters."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from bitnet158.generation.sampling import make_generator, next_token
+from bitnet158.kernels import cpu_decode
 from bitnet158.model import BitNetForCausalLM
 from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.request import Request, TokenLogprob
@@ -16,24 +17,47 @@ class ModelRunner:
         self.model = model
         self.context = model.config.max_position_embeddings
         self.cache = SlotCache(model.config, num_slots, self.context, model.device, model.dtype)
+        with torch.inference_mode():
+            # The native CPU decoder runs prompt chunks and decoding rows together in one step, each row on
+            # its own: prompts may be cut into chunks. Elsewhere a prompt is prefilled whole (cutting it would
+            # change its rounding), then it decodes.
+            self.chunked_prompts = cpu_decode.applies(model, self.cache)
 
     @torch.inference_mode()
-    def prefill(self, requests: list[Request]) -> torch.Tensor:
-        """Write each request's prompt into its (emptied) slot; the logits after each prompt, `[batch, vocab]`."""
-        for request in requests:
-            self.cache.release(request.slot)
-        lengths = [len(r.prompt_ids) for r in requests]
+    def step(
+        self, prompts: list[tuple[Request, list[int]]], decoding: list[Request]
+    ) -> tuple[list[Request], torch.Tensor]:
+        """Write each prompt chunk into its request's slot and feed each decoding request its last token; the
+        requests that now have next-token logits (decoding ones, and those whose prompt is complete) and
+        those logits, `[len(ready), vocab]`."""
+        for request, chunk in prompts:
+            if request.prompt_done == len(chunk):  # the prompt's first chunk: the slot starts empty
+                self.cache.release(request.slot)
+        requests = [request for request, _ in prompts] + decoding
+        if cpu_decode.applies(self.model, self.cache):
+            tokens = [chunk for _, chunk in prompts] + [[r.last_token] for r in decoding]
+            logits = cpu_decode.forward_slots(self.model, self.cache, [r.slot for r in requests], tokens)
+        else:
+            parts = ([self._prefill(prompts)] if prompts else []) + ([self._decode(decoding)] if decoding else [])
+            logits = torch.cat(parts)
+        ready = [i for i, request in enumerate(requests) if request.prompt_done == len(request.prompt_ids)]
+        if len(ready) < len(requests):  # chunks in the middle of a prompt
+            logits = logits[ready]
+        return [requests[i] for i in ready], logits
+
+    def _prefill(self, prompts: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        """The PyTorch path: append the chunks to their slots, right-padded in one batch; the logits after each."""
+        lengths = [len(chunk) for _, chunk in prompts]
         width = max(lengths)
         # Right-padded: pad tokens land past each slot's end and are masked out of attention.
-        input_ids = torch.tensor([r.prompt_ids + [0] * (width - len(r.prompt_ids)) for r in requests])
-        view = self.cache.batch([r.slot for r in requests], lengths)
+        input_ids = torch.tensor([chunk + [0] * (width - len(chunk)) for _, chunk in prompts])
+        view = self.cache.batch([request.slot for request, _ in prompts], lengths)
         logits = self.model(input_ids.to(self.model.device), view)
         last = torch.tensor(lengths, device=logits.device) - 1
-        return logits[torch.arange(len(requests), device=logits.device), last]
+        return logits[torch.arange(len(prompts), device=logits.device), last]
 
-    @torch.inference_mode()
-    def decode(self, requests: list[Request]) -> torch.Tensor:
-        """Feed each request's last token into its slot; the next logits `[batch, vocab]`."""
+    def _decode(self, requests: list[Request]) -> torch.Tensor:
+        """The PyTorch path: feed each request's last token into its slot; the next logits."""
         input_ids = torch.tensor([[r.last_token] for r in requests], device=self.model.device)
         view = self.cache.batch([r.slot for r in requests], [1] * len(requests))
         return self.model(input_ids, view)[:, -1]
@@ -49,12 +73,21 @@ class ModelRunner:
 @torch.inference_mode()
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
     """Each row's next token, drawn with its request's parameters and generator, and its logprobs if asked."""
+    tokens: list[int | None] = [None] * len(requests)
+    # Greedy rows (argmax, what `next_token` does at temperature 0) in one op: they need no generator.
+    greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0 and r.params.repetition_penalty == 1]
+    if greedy:
+        rows = logits if len(greedy) == len(requests) else logits[greedy]
+        for i, token in zip(greedy, rows.float().argmax(-1).tolist(), strict=True):
+            tokens[i] = token
     chosen = []
-    for row, request in zip(logits, requests, strict=True):
-        if request.generator is None:
-            request.generator = make_generator(request.params.seed, logits.device)
-        token = int(next_token(row[None], request.params, request.generator)[0])
-        chosen.append((token, None if request.top_logprobs is None else _logprob(row, token, request.top_logprobs)))
+    for i, request in enumerate(requests):
+        if tokens[i] is None:
+            if request.generator is None:
+                request.generator = make_generator(request.params.seed, logits.device)
+            tokens[i] = int(next_token(logits[i][None], request.params, request.generator)[0])
+        logprob = None if request.top_logprobs is None else _logprob(logits[i], tokens[i], request.top_logprobs)
+        chosen.append((tokens[i], logprob))
     return chosen
 
 

@@ -1,7 +1,10 @@
 """Which requests run: a bounded waiting queue, a fixed set of cache slots, admission and retirement.
 
-The scheduler knows nothing about the model; the engine asks it, between decode steps, which
-requests to prefill now and which are running, and tells it when a request is done.
+The scheduler knows nothing about the model; the engine asks it, before each step, which prompt
+tokens go into the step and which requests decode, and tells it when a request is done. A step's
+prompt tokens are bounded (`max_prefill_tokens`), so that arrivals do not stall the requests already
+decoding for long. Where the runner takes prompts in chunks (the native CPU path), a long prompt is
+spread over several steps; otherwise each prompt goes whole, and at least one per step.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, max_batch: int, max_queue: int, max_prefill_tokens: int) -> None:
         self.max_queue = max_queue
-        # Prompt tokens prefilled between two decode steps (at least one request): bounds the stall
-        # that new arrivals cause to the requests already decoding.
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # prompt tokens per step
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: slot 0 first
@@ -56,26 +57,41 @@ class Scheduler:
                     self._free(slot)
             return dropped
 
-    def admit(self) -> list[Request]:
-        """Move waiting requests into free slots, oldest first, up to the prefill token budget."""
-        admitted: list[Request] = []
+    def admit(self, chunked: bool) -> list[tuple[Request, list[int]]]:
+        """This step's prompt tokens, oldest request first: the rest of prompts already in a slot, then
+        waiting requests moved into free slots, up to `max_prefill_tokens` in all. `chunked`: a prompt may
+        be cut anywhere; otherwise prompts go whole (the first one even past the budget)."""
+        work: list[tuple[Request, list[int]]] = []
         budget = self.max_prefill_tokens
         with self.lock:
-            while self.waiting and self.free_slots:
-                prompt_tokens = len(self.waiting[0].prompt_ids)
-                if admitted and prompt_tokens > budget:
+            for request in self.running.values():
+                if budget > 0 and request.prompt_done < len(request.prompt_ids):
+                    budget -= self._take(request, budget, chunked, work)
+            while budget > 0 and self.waiting and self.free_slots:
+                if not chunked and work and len(self.waiting[0].prompt_ids) > budget:
                     break
                 request = self.waiting.popleft()
                 request.slot = self.free_slots.pop()
                 self.running[request.slot] = request
-                admitted.append(request)
-                budget -= prompt_tokens
-        return admitted
+                budget -= self._take(request, budget, chunked, work)
+        return work
 
-    def decoding(self, exclude: list[Request]) -> list[Request]:
-        """The running requests that take part in the next decode step (not those just prefilled)."""
+    @staticmethod
+    def _take(request: Request, budget: int, chunked: bool, work: list[tuple[Request, list[int]]]) -> int:
+        start = request.prompt_done
+        end = min(len(request.prompt_ids), start + budget) if chunked else len(request.prompt_ids)
+        work.append((request, request.prompt_ids[start:end]))
+        request.prompt_done = end
+        return end - start
+
+    def decoding(self) -> list[Request]:
+        """The running requests that decode in the next step: those with a sampled token to feed."""
         with self.lock:
-            return [r for r in self.running.values() if r not in exclude]
+            return [r for r in self.running.values() if r.generated]
+
+    def all_running(self) -> list[Request]:
+        with self.lock:
+            return list(self.running.values())
 
     def retire(self, request: Request) -> None:
         with self.lock:

@@ -1,0 +1,83 @@
+"""The serving scheduler's prompt budget (whole prompts, or chunks on the native CPU path), and the engine's
+promise that chunking and batching do not change a request's tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from bitnet158.cli.model_loading import load_model
+from bitnet158.generation.sampling import SamplingParams
+from bitnet158.serve.request import Request
+from bitnet158.serve.runner import ModelRunner, sample
+from bitnet158.serve.scheduler import Scheduler
+
+
+def _request(prompt_ids: list[int], max_new_tokens: int = 4) -> Request:
+    # The scheduler and the runner use neither the detokenizer nor the event loop.
+    return Request(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), None, None)
+
+
+def _chunks(work: list[tuple[Request, list[int]]]) -> list[tuple[int, list[int]]]:
+    return [(request.slot, chunk) for request, chunk in work]
+
+
+def test_whole_prompts_within_the_budget_and_at_least_one():
+    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=10)
+    first, second, third, huge = _request([1] * 6), _request([2] * 6), _request([3] * 3), _request([4] * 15)
+    for request in (first, second, third, huge):
+        scheduler.submit(request)
+    assert _chunks(scheduler.admit(chunked=False)) == [(0, [1] * 6)]  # the second does not fit beside it
+    assert _chunks(scheduler.admit(chunked=False)) == [(1, [2] * 6), (2, [3] * 3)]
+    assert _chunks(scheduler.admit(chunked=False)) == [(3, [4] * 15)]  # alone, past the budget
+    assert scheduler.decoding() == []  # nothing sampled yet
+    first.generated = 1
+    assert scheduler.decoding() == [first]
+
+
+def test_chunked_prompts_share_the_budget_oldest_first():
+    scheduler = Scheduler(max_batch=2, max_queue=8, max_prefill_tokens=4)
+    first, second, third = _request([1, 2, 3, 4, 5, 6]), _request([7, 8, 9]), _request([10])
+    for request in (first, second, third):
+        scheduler.submit(request)
+    assert _chunks(scheduler.admit(chunked=True)) == [(0, [1, 2, 3, 4])]
+    assert _chunks(scheduler.admit(chunked=True)) == [(0, [5, 6]), (1, [7, 8])]
+    assert _chunks(scheduler.admit(chunked=True)) == [(1, [9])]
+    assert scheduler.admit(chunked=True) == [] and scheduler.counts() == (2, 1)  # no free slot for the third
+    scheduler.retire(first)
+    assert _chunks(scheduler.admit(chunked=True)) == [(0, [10])]
+
+
+@torch.inference_mode()
+def test_chunked_batched_requests_get_their_lone_tokens():
+    """Requests arriving at different steps, their prompts cut into chunks of at most 3 tokens beside other
+    requests' chunks and decoding, get exactly the tokens and logits they get alone with whole prompts."""
+    model, tokenizer = load_model(None, torch.device("cpu"))
+    prompts = [tokenizer.encode(text) for text in ("import os\n", "class Stack:\n    def", "def main():", "# C")]
+
+    def generate(arrivals: dict[int, list[list[int]]], budget: int) -> list[tuple[list[int], torch.Tensor]]:
+        runner, scheduler = ModelRunner(model, 4), Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=budget)
+        assert runner.chunked_prompts
+        requests, results = [], {}
+        for step in range(200):
+            for prompt in arrivals.get(step, []):
+                requests.append(_request(prompt, max_new_tokens=6))
+                scheduler.submit(requests[-1])
+            decoding = scheduler.decoding()
+            prompts = scheduler.admit(chunked=True)
+            if not prompts and not decoding:
+                break
+            ready, logits = runner.step(prompts, decoding)
+            for request, row, (token, _) in zip(ready, logits, sample(logits, ready), strict=True):
+                request.generated, request.last_token = request.generated + 1, token
+                results.setdefault(id(request), ([], []))[0].append(token)
+                results[id(request)][1].append(row)
+                if request.generated == request.params.max_new_tokens:
+                    scheduler.retire(request)
+                    runner.release(request.slot)
+        return [(results[id(r)][0], torch.stack(results[id(r)][1])) for r in requests]
+
+    alone = [generate({0: [prompt]}, budget=512)[0] for prompt in prompts]
+    together = generate({0: prompts[:2], 2: prompts[2:3], 3: prompts[3:]}, budget=3)
+    for (tokens, logits), (lone_tokens, lone_logits) in zip(together, alone, strict=True):
+        assert tokens == lone_tokens
+        assert torch.equal(logits, lone_logits)
