@@ -86,36 +86,68 @@ def _time_config(codes, x_scale, sums, weights, scale, n, config) -> float:
                      reps=60)
 
 
-def sweep() -> None:
-    """Print the time of each block configuration per shape and batch (to pick `_gemv_config` / `_mma_config`)."""
-    gemv = [(br, bkw, w) for br in (1, 2, 4) for bkw in (64, 128, 256, 512) for w in (1, 2, 4, 8) if br * bkw <= 2048]
-    mma = {
+# The epilogue each shape has in the decode step (`generation.gpu_decode`).
+FUSED_EPILOGUES = {"qkv": "none", "o": "residual", "gate+up": "relu2_gate_up", "down": "residual"}
+
+
+def _time_fused(weights, scale, n, k, epilogue, config) -> float:
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    norm = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, n, device="cuda", dtype=torch.bfloat16) if epilogue == "residual" else None
+    calls = [lambda w=w: gpu.fused_gemv(x, norm, 1e-5, w, scale, n, epilogue, residual, residual, config=config)
+             for w in weights]
+    return median_us(calls, reps=60)
+
+
+def _report(title: str, timed: list) -> None:
+    timed.sort(key=lambda pair: pair[0])
+    print(f"{title}: " + ", ".join(f"{c}={t:.2f}" for t, c in timed[:4]), flush=True)
+
+
+def sweep_gemv() -> None:
+    """Time each GEMV block configuration at M = 1, plain and fused with RMSNorm (to pick `_gemv_config`
+    and `_fused_config`; the fused kernel's BLOCK_KW always holds the whole row)."""
+    configs = [(br, bkw, w) for br in (1, 2, 4) for bkw in (256, 512, 1024, 2048) for w in (2, 4, 8)
+               if br * bkw <= 4096]
+    for name, (n, k) in SHAPES.items():
+        weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+        scale = torch.rand(n, device="cuda") + 0.5
+        codes, x_scale, sums = gpu.quantize_rows(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        _report(f"sweep M=1 {name}", [(_time_config(codes, x_scale, sums, weights, scale, n, c), c) for c in configs])
+        row = triton.next_power_of_2(gpu.padded_k(k) // 4)
+        fused = [(br, row, w) for br in (1, 2, 4, 8) for w in (2, 4, 8, 16)]
+        _report(f"sweep fused {name}",
+                [(_time_fused(weights, scale, n, k, FUSED_EPILOGUES[name], c), c) for c in fused])
+        del weights
+
+
+def sweep_mma() -> None:
+    """Time each tensor-core block configuration per shape and batch (to pick `_mma_config`)."""
+    configs = {
         16: [(16, br, 128, w, s) for br in (16, 32) for w in (4,) for s in (3, 4, 5)] + [(16, 16, 64, 4, 6)],
         64: [(64, br, bk, w, s) for br in (16, 32) for bk in (64, 128) for w in (4, 8) for s in (3, 4)],
         2048: [(bm, br, 128, w, s) for bm in (128, 256) for br in (32, 64) for w in (8,) for s in (3, 4)]
         + [(128, 64, 64, 8, 4), (64, 64, 128, 4, 4)],
     }
-    for m, configs in [(1, gemv), *mma.items()]:
+    for m, candidates in configs.items():
         for name, (n, k) in SHAPES.items():
             weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
             scale = torch.rand(n, device="cuda") + 0.5
             codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            results = []
-            for config in configs:
+            timed = []
+            for config in candidates:
                 try:
-                    t = _time_config(codes, x_scale, sums, weights, scale, n, config)
+                    timed.append((_time_config(codes, x_scale, sums, weights, scale, n, config), config))
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is just skipped
                     print(f"  {config}: {type(error).__name__}")
-                    continue
-                results.append((t, config))
-            results.sort()
-            print(f"sweep M={m} {name}: " + ", ".join(f"{c}={t:.2f}" for t, c in results[:4]), flush=True)
+            _report(f"sweep M={m} {name}", timed)
             del weights
 
 
 def main(argv: list[str]) -> None:
     if "--sweep" in argv:
-        sweep()
+        sweep_gemv()
+        sweep_mma()
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT
     rows = [bench_shape(name, n, k, m) for m in BATCHES for name, (n, k) in SHAPES.items()]

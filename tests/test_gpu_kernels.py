@@ -76,6 +76,57 @@ def test_shapes_the_format_cannot_take_are_rejected():
         gpu.check_shape(torch.zeros(1, 2**24 + 1, dtype=torch.uint8, device="meta"), 4, 2**24 + 1)
 
 
+GEMV_CONFIGS = [(1, 256, 2), (2, 1024, 4), (4, 2048, 8), (4, 512, 8)]  # (BLOCK_R, BLOCK_KW, warps)
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS)
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 333, 65), (3, 6912, 130), (2, 2560, 3840), (1, 9000, 8)])
+def test_every_gemv_block_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int]):
+    """One chunk or several per row, rows past R, the next chunk's prefetch past K: all exact."""
+    from bitnet158.kernels import gpu
+
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
+    padded[:, :k] = act
+    sums = act.int().sum(1).cuda()
+    got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n,
+                          int_out=True, config=config)
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
+@pytest.mark.parametrize(("block_r", "warps"), [(1, 2), (2, 4), (4, 8), (8, 16)])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 333, 65), (3, 6912, 132), (2, 2560, 3840), (1, 8192, 8)])
+def test_every_fused_gemv_block_config_matches_the_reference(m: int, k: int, n: int, block_r: int, warps: int):
+    import triton
+
+    from bitnet158.kernels import gpu
+
+    _, packed, scale = _random_layer(n, k, per_row_scale=False)
+    weight = gpu.repack(packed)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    norm = RMSNorm(k, 1e-5).cuda().bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(k))
+        expected = ternary_linear(norm(x), packed, scale, n).float()
+    config = (block_r, triton.next_power_of_2(weight.shape[1] // 4), warps)
+    got = gpu.fused_gemv(x, norm.weight, 1e-5, weight, scale, n, config=config).float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_fused_gemv_rejects_rows_it_cannot_hold():
+    from bitnet158.kernels import gpu
+
+    _, packed, scale = _random_layer(8, 9000, per_row_scale=False)
+    x = torch.randn(1, 9000, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at most 8192"):
+        gpu.fused_gemv(x, torch.ones(9000, device="cuda"), 1e-5, gpu.repack(packed), scale, 8)
+    _, packed, scale = _random_layer(8, 2560, per_row_scale=False)
+    x = torch.randn(1, 2560, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="does not hold"):
+        gpu.fused_gemv(x, torch.ones(2560, device="cuda"), 1e-5, gpu.repack(packed), scale, 8, config=(1, 256, 2))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 2560, 3840), (3, 333, 64), (1, 6912, 2560)])
 def test_fused_norm_gemv_epilogues(m: int, k: int, n: int, dtype: torch.dtype):

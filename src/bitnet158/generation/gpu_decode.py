@@ -42,6 +42,9 @@ class GPUDecoder:
         head_dim = config.head_dim
         # The same float32 expression as `rotary_cos_sin`, so that the angles agree bit for bit.
         self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        self.attention_workspace = gpu.attention_workspace(
+            batch, config.num_attention_heads, config.num_key_value_heads, head_dim, device
+        )
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -99,7 +102,7 @@ class GPUDecoder:
             qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x)
             heads = gpu.decode_attention(
                 qkv, self.cache.keys[i], self.cache.values[i], self.inv_freq, self.slot, self.cache.padding,
-                config.num_attention_heads,
+                config.num_attention_heads, workspace=self.attention_workspace,
             )
             x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x)
             if mlp.relu2:
@@ -118,7 +121,7 @@ def _norm_linear(
     relu2_gate_up: bool = False,
 ) -> torch.Tensor:
     """`linear(norm(x))` (+ `residual`, in place), or `relu(gate)^2 * up` of a fused gate/up linear."""
-    fusable = isinstance(linear, PackedBitLinear) and linear.bias is None
+    fusable = isinstance(linear, PackedBitLinear) and linear.bias is None and linear.in_features <= gpu.FUSED_MAX_K
     if fusable and (linear.out_features % 4 == 0 or not relu2_gate_up):
         weight = gpu.layer_weight(linear)
         if residual is not None:

@@ -24,22 +24,41 @@ RMSNorm that produces them, in `quantize_rows` and in the GEMV's own prologue (`
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from bitnet158.quant.weights import SCALE_EPS
 
 K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
 MAX_K = 2**24  # |sum| <= 128 * K must stay below 2^31
 GEMV_MAX_M = 8  # up to this many rows, the dp4a GEMV reads each weight once per row from L2
+FUSED_MAX_K = 8192  # the fused norm GEMV keeps a whole row in registers
 LAYOUT = "triton_w2a8"
 
 # The interpreter (TRITON_INTERPRET=1, for debugging on a CPU) cannot run inline PTX.
 _USE_PTX: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@functools.cache
+def _early_launch(device: torch.device) -> dict:
+    """Launch options that let a decode-step kernel start while the one before it finishes (programmatic
+    dependent launch, Hopper and later): it loads what does not depend on its predecessor, then waits."""
+    return {"launch_pdl": True} if _USE_PTX and torch.cuda.get_device_capability(device)[0] >= 9 else {}
+
+
+@triton.jit
+def _wait_for_previous_kernel():
+    """Block until the kernel before this one has finished and its writes are visible; then let the next start."""
+    if _USE_PTX:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -200,58 +219,86 @@ def _scaled(acc, cols, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, HAS_BI
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, x_scale_ptr, norm_ptr, w_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
-    R, N, K, KW, stride_x, stride_res, stride_out, w_scale_stride, eps,
-    NORM: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, INT_OUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr,
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    R, N, KW, stride_x, stride_out, w_scale_stride,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
     """out[m, rows + iR] for BLOCK_R packed rows and one activation row m (grid: row blocks x M).
 
-    `w_ptr` is the int32 view `[R, KW]` of our layout. Without NORM, `x_ptr` is the int32 view of
-    int8 codes `[M, KW]` with their scales at `x_scale_ptr`. With NORM, `x_ptr` holds the float
-    activations `[M, K]` before the RMSNorm of weight `norm_ptr`: every program computes the norm's
-    statistics (the row is small and in L2) and quantizes its words on the fly."""
+    `w_ptr` is the int32 view `[R, KW]` of our layout, `x_ptr` the int32 view of int8 codes `[M, KW]`
+    with their scales at `x_scale_ptr`."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     offs = tl.arange(0, BLOCK_KW)
-    if NORM:
-        dtype: tl.constexpr = x_ptr.dtype.element_ty
-        x_row = x_ptr + m * stride_x
-        inv_rms, qscale, x_scale = _norm_stats(x_row, norm_ptr, K, eps, 4 * BLOCK_KW)
-        byte = tl.arange(0, 4)
-    else:
-        x_scale = tl.load(x_scale_ptr + m)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
+    row_ok = rows[:, None] < R
+    # Decode is bound by DRAM latency: each step requests the next chunk of weights before using this one.
+    w = tl.load(w_rows + offs[None, :], mask=row_ok & (offs[None, :] < KW), other=0)
     acc0 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     acc3 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     x_sum = tl.zeros([BLOCK_KW], dtype=tl.int32)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
-    row_ok = rows[:, None] < R
     for k0 in range(0, KW, BLOCK_KW):
         words = k0 + offs
-        w = tl.load(w_rows + words[None, :], mask=row_ok & (words[None, :] < KW), other=0)
-        if NORM:
-            cols = words[:, None] * 4 + byte[None, :]
-            ok = cols < K
-            xf = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
-            nw = tl.load(norm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            codes = tl.where(ok, _codes(xf, inv_rms, nw, qscale, True, dtype), 0)
-            a = tl.sum((codes & 0xFF) << (8 * byte[None, :]), axis=1)  # four int8 codes in one word
-        else:
-            a = tl.load(x_ptr + m * stride_x + words, mask=words < KW, other=0)
+        following = words + BLOCK_KW
+        w_next = tl.load(w_rows + following[None, :], mask=row_ok & (following[None, :] < KW), other=0)
+        a = tl.load(x_ptr + m * stride_x + words, mask=words < KW, other=0)
         a2 = tl.broadcast_to(a[None, :], [BLOCK_R, BLOCK_KW])
         acc0 = _dp4a(w & 0x03030303, a2, acc0)
         acc1 = _dp4a((w >> 2) & 0x03030303, a2, acc1)
         acc2 = _dp4a((w >> 4) & 0x03030303, a2, acc2)
         acc3 = _dp4a((w >> 6) & 0x03030303, a2, acc3)
         x_sum = _dp4a(tl.full([BLOCK_KW], 0x01010101, tl.int32), a, x_sum)
+        w = w_next
     total = tl.sum(x_sum, axis=0)
     _epilogue(
         tl.sum(acc0, axis=1) - total, tl.sum(acc1, axis=1) - total, tl.sum(acc2, axis=1) - total,
-        tl.sum(acc3, axis=1) - total, m, rows, R, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, res_ptr,
-        out_ptr, stride_res, stride_out, HAS_BIAS, EPILOGUE, INT_OUT,
+        tl.sum(acc3, axis=1) - total, m, rows, R, N, tl.load(x_scale_ptr + m), w_scale_ptr, w_scale_stride,
+        bias_ptr, out_ptr, out_ptr, 0, stride_out, HAS_BIAS, 0, INT_OUT,
+    )
+
+
+@triton.jit
+def _fused_gemv_kernel(
+    x_ptr, norm_ptr, w_ptr, w_scale_ptr, res_ptr, out_ptr,
+    R, N, K, KW, stride_x, stride_res, stride_out, w_scale_stride, eps,
+    EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    """`linear(quantize(rmsnorm(x)))` for BLOCK_R packed rows and one row m of x, the whole row in one
+    chunk (KW <= BLOCK_KW). `x_ptr` holds the float activations `[M, K]` before the RMSNorm of weight
+    `norm_ptr`. Each program reads that row once (from L2, it is small), computes the norm's statistics
+    and the int8 codes itself, so no quantization kernel runs in between."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    words = tl.arange(0, BLOCK_KW)
+    # The weights are requested first, even before the kernel that writes x has finished.
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + words[None, :],
+                mask=(rows[:, None] < R) & (words[None, :] < KW), other=0)
+    _wait_for_previous_kernel()
+    byte = tl.arange(0, 4)
+    cols = words[:, None] * 4 + byte[None, :]
+    ok = cols < K
+    x = tl.load(x_ptr + m * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    norm_w = tl.load(norm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt_rn(tl.sum(tl.sum(x * x, axis=1), axis=0) / K + eps)
+    y = _round_to(norm_w * _round_to(x * inv_rms, dtype), dtype)
+    absmax = tl.maximum(tl.max(tl.max(tl.abs(y), axis=1), axis=0), 1e-5)
+    codes = tl.where(ok, _codes(y, 1.0, 1.0, tl.math.div_rn(1.0, absmax) * 127.0, False, dtype), 0)
+    a = tl.sum((codes & 0xFF) << (8 * byte[None, :]), axis=1)  # four int8 codes in one word
+    a2 = tl.broadcast_to(a[None, :], [BLOCK_R, BLOCK_KW])
+    total = tl.sum(_dp4a(tl.full([BLOCK_KW], 0x01010101, tl.int32), a, tl.zeros([BLOCK_KW], tl.int32)), axis=0)
+    zero = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
+    _epilogue(
+        tl.sum(_dp4a(w & 0x03030303, a2, zero), axis=1) - total,
+        tl.sum(_dp4a((w >> 2) & 0x03030303, a2, zero), axis=1) - total,
+        tl.sum(_dp4a((w >> 4) & 0x03030303, a2, zero), axis=1) - total,
+        tl.sum(_dp4a((w >> 6) & 0x03030303, a2, zero), axis=1) - total,
+        m, rows, R, N, absmax / 127.0, w_scale_ptr, w_scale_stride, w_scale_ptr, res_ptr, out_ptr,
+        stride_res, stride_out, False, EPILOGUE, False,
     )
 
 
@@ -378,10 +425,16 @@ def quantize_rows(
 
 # Block sizes picked by `benchmarks/gpu_kernels.py --sweep` on the H100 for the 2B4T shapes.
 def _gemv_config(r: int, kw: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_KW, num_warps): one packed row per program is fastest except for very tall weights."""
-    if r >= 2048:
-        return 2, 128, 2
-    return 1, 128, 4
+    """(BLOCK_R, BLOCK_KW, num_warps) of the plain GEMV."""
+    if r >= 2048:  # enough programs to fill the GPU: small chunks, the next one always in flight
+        return 2, 256, 2
+    # One chunk per row where it fits (K <= 4096), so every weight load of a program is in flight at once.
+    return (2, 1024, 4) if kw <= 1024 else (1, 1024, 4)
+
+
+def _fused_config(r: int, kw: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_KW, num_warps) of the fused GEMV: BLOCK_KW holds the whole row."""
+    return 4, triton.next_power_of_2(kw), 4
 
 
 def _mma_config(m: int) -> tuple[int, int, int, int, int]:
@@ -420,10 +473,9 @@ def w2a8_matmul(
     if m <= GEMV_MAX_M:
         block_r, block_kw, warps = config or _gemv_config(r, kp // 4)
         _gemv_kernel[(triton.cdiv(r, block_r), m)](
-            codes.view(torch.int32), x_scale, x_scale, weight.view(torch.int32), weight_scale, bias_arg, out, out,
-            r, out_features, kp, kp // 4, kp // 4, 0, out.stride(0), w_scale_stride, 0.0,
-            NORM=False, HAS_BIAS=bias is not None, EPILOGUE=0, INT_OUT=int_out,
-            BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
+            codes.view(torch.int32), x_scale, weight.view(torch.int32), weight_scale, bias_arg, out,
+            r, out_features, kp // 4, kp // 4, out.stride(0), w_scale_stride,
+            HAS_BIAS=bias is not None, INT_OUT=int_out, BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
         )
         return out
     block_m, block_r, block_k, warps, stages = config or _mma_config(m)
@@ -454,29 +506,35 @@ def fused_gemv(
     epilogue: str = "none",
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """One kernel for `linear(quantize(rmsnorm(x)))` on few rows `x [M, K]` (decode), with an epilogue:
 
     - "none": the linear's output `[M, N]`;
     - "residual": `residual + linear(...)`, written into `out` (which may be `residual` itself);
     - "relu2_gate_up": for a fused gate/up layer (rows `[gate; up]`), `relu(gate)^2 * up`, `[M, N / 2]`.
+
+    `config` overrides the block sizes (for tuning), as in `w2a8_matmul`.
     """
     m, k = x.shape
     r, kp = weight.shape
     code = EPILOGUES[epilogue]
     if code == 2 and out_features % 4:
         raise ValueError(f"the fused gate/up epilogue needs 4 | out_features, got {out_features}")
+    if k > FUSED_MAX_K:
+        raise ValueError(f"the fused norm GEMV holds rows of at most {FUSED_MAX_K} inputs, got {k}")
+    block_r, block_kw, warps = config or _fused_config(r, kp // 4)
+    if 4 * block_kw < k:
+        raise ValueError(f"BLOCK_KW {block_kw} does not hold a row of {k} inputs")
     if out is None:
         width = out_features // 2 if code == 2 else out_features
         out = torch.empty(m, width, dtype=x.dtype, device=x.device)
     res = residual if residual is not None else out
-    block_r, block_kw, warps = _gemv_config(r, kp // 4)
-    _gemv_kernel[(triton.cdiv(r, block_r), m)](
-        x, x, norm_weight, weight.view(torch.int32), weight_scale, weight_scale, res, out,
+    _fused_gemv_kernel[(triton.cdiv(r, block_r), m)](
+        x, norm_weight, weight.view(torch.int32), weight_scale, res, out,
         r, out_features, k, kp // 4, x.stride(0), res.stride(0), out.stride(0),
         0 if weight_scale.numel() == 1 else 1, eps,
-        NORM=True, HAS_BIAS=False, EPILOGUE=code, INT_OUT=False,
-        BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
+        EPILOGUE=code, BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps, **_early_launch(x.device),
     )
     return out
 
@@ -501,79 +559,146 @@ def linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # Decode attention: rotary embedding, cache write and attention for one new token per sequence.
+# One program per (sequence, key/value head, split of the cache): the splits read their part of the
+# cache in parallel (one program per head would walk the whole cache alone), and the last split to
+# finish combines the partial softmaxes (flash-decoding, without a second kernel).
+
+MAX_SPLITS = 16  # splits per head; a split covers at least MIN_SPLIT cache slots
+MIN_SPLIT = 64
+# The running max of a split with no keys yet: finite, so that exp(_EMPTY - _EMPTY) is 1, not NaN.
+_EMPTY: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+class AttentionWorkspace(NamedTuple):
+    """Scratch memory for `decode_attention`, reusable across calls (and graph replays) of one shape."""
+
+    partial_out: torch.Tensor  # [B, H, MAX_SPLITS, D] float32: each split's unnormalised output
+    partial_stats: torch.Tensor  # [B, H, MAX_SPLITS, 2] float32: each split's running max and sum
+    arrivals: torch.Tensor  # [B, KV] int32, zero between calls: splits done so far
+
+
+def attention_workspace(batch: int, num_heads: int, kv_heads: int, head_dim: int, device) -> AttentionWorkspace:
+    return AttentionWorkspace(
+        torch.empty(batch, num_heads, MAX_SPLITS, head_dim, dtype=torch.float32, device=device),
+        torch.empty(batch, num_heads, MAX_SPLITS, 2, dtype=torch.float32, device=device),
+        torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
+    )
+
+
+@triton.jit
+def _rotate(lo, hi, cos, sin, dtype: tl.constexpr):
+    """x * cos + rotate_half(x) * sin of the two halves of a head, each product and sum rounded as in `apply_rotary`."""
+    first = _round_to(_round_to(lo * cos, dtype) + _round_to(-hi * sin, dtype), dtype)
+    second = _round_to(_round_to(hi * cos, dtype) + _round_to(lo * sin, dtype), dtype)
+    return first, second
 
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, k_cache, v_cache, out_ptr, inv_freq_ptr, length_ptr, padding_ptr,
+    qkv_ptr, k_cache, v_cache, out_ptr, inv_freq_ptr, length_ptr, padding_ptr, part_out, part_stats, arrivals,
     stride_qkv, stride_cb, stride_ch, stride_cl, stride_out, sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
+    SPLIT_L: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per (sequence, key/value head) and its GROUP query heads.
+    """Program (b, g, s): the GROUP query heads of key/value head g of sequence b, over cache slots
+    [s * SPLIT_L, (s + 1) * SPLIT_L).
 
     `qkv` holds `[q (H * D) | k (KV * D) | v (KV * D)]` of the new token. The new token sits at cache
     slot `length` (read from device memory, so a captured graph replays at any length); its rotary
-    position is `length - padding[b]`. Keys before `padding[b]` are left padding and are skipped."""
+    position is `length - padding[b]`. Keys before `padding[b]` are left padding and are skipped.
+    Split 0 writes the new key and value to the cache and attends to them from registers; the
+    other splits read only slots below `length`, so no split reads what another writes.
+
+    The query heads are padded to 16 rows (zeros, never stored) so that scores and outputs are
+    tensor-core dots; each head dimension is handled as two halves, as the rotary embedding pairs them."""
     b = tl.program_id(0)
     g = tl.program_id(1)
+    split = tl.program_id(2)
+    _wait_for_previous_kernel()
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
+    ROWS: tl.constexpr = 16 if GROUP < 16 else GROUP
     length = tl.load(length_ptr)
     pad = tl.load(padding_ptr + b)
-    pos = (length - pad).to(tl.float32)
     d = tl.arange(0, half)
-    angle = pos * tl.load(inv_freq_ptr + d)
+    angle = (length - pad).to(tl.float32) * tl.load(inv_freq_ptr + d)
     cos = _round_to(tl.cos(angle), dtype)
     sin = _round_to(tl.sin(angle), dtype)
-    heads = g * GROUP + tl.arange(0, GROUP)
+    rows = tl.arange(0, ROWS)
+    is_head = rows < GROUP
+    heads = g * GROUP + rows
     row = qkv_ptr + b * stride_qkv
-    q_lo = tl.load(row + heads[:, None] * HEAD_DIM + d[None, :]).to(tl.float32)
-    q_hi = tl.load(row + heads[:, None] * HEAD_DIM + half + d[None, :]).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, each product and the sum rounded as in `apply_rotary`.
-    q1 = _round_to(_round_to(q_lo * cos, dtype) + _round_to(-q_hi * sin, dtype), dtype)
-    q2 = _round_to(_round_to(q_hi * cos, dtype) + _round_to(q_lo * sin, dtype), dtype)
+    q_ptrs = row + heads[:, None] * HEAD_DIM + d[None, :]
+    q1, q2 = _rotate(tl.load(q_ptrs, mask=is_head[:, None], other=0.0).to(tl.float32),
+                     tl.load(q_ptrs + half, mask=is_head[:, None], other=0.0).to(tl.float32), cos, sin, dtype)
     k_row = row + KV_HEADS * GROUP * HEAD_DIM + g * HEAD_DIM
     v_row = k_row + KV_HEADS * HEAD_DIM
-    k_lo = tl.load(k_row + d).to(tl.float32)
-    k_hi = tl.load(k_row + half + d).to(tl.float32)
-    k1 = _round_to(_round_to(k_lo * cos, dtype) + _round_to(-k_hi * sin, dtype), dtype)
-    k2 = _round_to(_round_to(k_hi * cos, dtype) + _round_to(k_lo * sin, dtype), dtype)
+    k1, k2 = _rotate(tl.load(k_row + d).to(tl.float32), tl.load(k_row + half + d).to(tl.float32), cos, sin, dtype)
     v1 = tl.load(v_row + d).to(tl.float32)
     v2 = tl.load(v_row + half + d).to(tl.float32)
     cache_k = k_cache + b * stride_cb + g * stride_ch
     cache_v = v_cache + b * stride_cb + g * stride_ch
-    tl.store(cache_k + length * stride_cl + d, k1.to(dtype))
-    tl.store(cache_k + length * stride_cl + half + d, k2.to(dtype))
-    tl.store(cache_v + length * stride_cl + d, v1.to(dtype))
-    tl.store(cache_v + length * stride_cl + half + d, v2.to(dtype))
-    # The new token attends to itself first (from registers), then online softmax over the cache.
-    m_i = tl.sum(q1 * k1[None, :] + q2 * k2[None, :], axis=1) * sm_scale
-    l_i = tl.full([GROUP], 1.0, tl.float32)
-    acc1 = tl.broadcast_to(v1[None, :], [GROUP, half])
-    acc2 = tl.broadcast_to(v2[None, :], [GROUP, half])
+    first = split == 0
+    write = d < tl.where(first, half, 0)  # all of the head in split 0, none elsewhere
+    tl.store(cache_k + length * stride_cl + d, k1.to(dtype), mask=write)
+    tl.store(cache_k + length * stride_cl + half + d, k2.to(dtype), mask=write)
+    tl.store(cache_v + length * stride_cl + d, v1.to(dtype), mask=write)
+    tl.store(cache_v + length * stride_cl + half + d, v2.to(dtype), mask=write)
+    own = tl.sum(q1 * k1[None, :] + q2 * k2[None, :], axis=1) * sm_scale
+    m_i = tl.where(first, own, _EMPTY)
+    mine = tl.where(first, 1.0, 0.0)
+    l_i = mine + tl.zeros([ROWS], tl.float32)
+    acc1 = mine * tl.broadcast_to(v1[None, :], [ROWS, half])
+    acc2 = mine * tl.broadcast_to(v2[None, :], [ROWS, half])
+    q1 = q1.to(dtype)
+    q2 = q2.to(dtype)
     offs_l = tl.arange(0, BLOCK_L)
-    start = (pad // BLOCK_L) * BLOCK_L
-    for l0 in range(start, length, BLOCK_L):
+    end = tl.minimum(length, (split + 1) * SPLIT_L)
+    for l0 in range(tl.maximum(split * SPLIT_L, (pad // BLOCK_L) * BLOCK_L), end, BLOCK_L):
         slots = l0 + offs_l
-        ok = (slots < length) & (slots >= pad)
+        ok = (slots < end) & (slots >= pad)
         kp = cache_k + slots[:, None] * stride_cl + d[None, :]
         vp = cache_v + slots[:, None] * stride_cl + d[None, :]
-        kb1 = tl.load(kp, mask=ok[:, None], other=0.0).to(tl.float32)
-        kb2 = tl.load(kp + half, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q1[:, None, :] * kb1[None, :, :] + q2[:, None, :] * kb2[None, :, :], axis=2) * sm_scale
+        kb1 = tl.load(kp, mask=ok[:, None], other=0.0)
+        kb2 = tl.load(kp + half, mask=ok[:, None], other=0.0)
+        vb1 = tl.load(vp, mask=ok[:, None], other=0.0)
+        vb2 = tl.load(vp + half, mask=ok[:, None], other=0.0)
+        s = tl.dot(q1, tl.trans(kb1), input_precision=PRECISION)
+        s = tl.dot(q2, tl.trans(kb2), s, input_precision=PRECISION) * sm_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
-        vb1 = tl.load(vp, mask=ok[:, None], other=0.0).to(tl.float32)
-        vb2 = tl.load(vp + half, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vb1[None, :, :], axis=1)
-        acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vb2[None, :, :], axis=1)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        p = p.to(dtype)
+        acc1 = tl.dot(p, vb1, acc1 * alpha[:, None], input_precision=PRECISION)
+        acc2 = tl.dot(p, vb2, acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-    out_row = out_ptr + b * stride_out + heads[:, None] * HEAD_DIM
-    tl.store(out_row + d[None, :], (acc1 / l_i[:, None]).to(dtype))
-    tl.store(out_row + half + d[None, :], (acc2 / l_i[:, None]).to(dtype))
+    # Publish this split's partial result; the release/acquire of the counter orders it before the
+    # last split reads it.
+    part = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+    tl.store(part_out + part[:, None] * HEAD_DIM + d[None, :], acc1, mask=is_head[:, None])
+    tl.store(part_out + part[:, None] * HEAD_DIM + half + d[None, :], acc2, mask=is_head[:, None])
+    tl.store(part_stats + part * 2, m_i, mask=is_head)
+    tl.store(part_stats + part * 2 + 1, l_i, mask=is_head)
+    counter = arrivals + b * KV_HEADS + g
+    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+        tl.store(counter, 0)  # ready for the next call
+        group_heads = g * GROUP + tl.arange(0, GROUP)
+        splits = tl.arange(0, SPLITS)
+        parts = (b * KV_HEADS * GROUP + group_heads[:, None]) * SPLITS + splits[None, :]  # [GROUP, SPLITS]
+        m_s = tl.load(part_stats + parts * 2, cache_modifier=".cg")
+        l_s = tl.load(part_stats + parts * 2 + 1, cache_modifier=".cg")
+        m_all = tl.max(m_s, axis=1)
+        weight = tl.exp(m_s - m_all[:, None])
+        total = tl.sum(l_s * weight, axis=1)
+        o1 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + d[None, None, :], cache_modifier=".cg")
+        o2 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + half + d[None, None, :], cache_modifier=".cg")
+        out1 = tl.sum(o1 * weight[:, :, None], axis=1) / total[:, None]
+        out2 = tl.sum(o2 * weight[:, :, None], axis=1) / total[:, None]
+        out_row = out_ptr + b * stride_out + group_heads[:, None] * HEAD_DIM
+        tl.store(out_row + d[None, :], out1.to(dtype))
+        tl.store(out_row + half + d[None, :], out2.to(dtype))
 
 
 def decode_attention(
@@ -585,26 +710,33 @@ def decode_attention(
     padding: torch.Tensor,
     num_heads: int,
     out: torch.Tensor | None = None,
+    workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row. `qkv [B, (H + 2 KV) D]`; caches `[B, KV, L, D]` (one layer);
     `length` (int32 scalar tensor): the new token's cache slot; `padding [B]`: left pad per row.
+    `workspace` (from `attention_workspace`) saves allocating one per call: the decode graph passes its own.
 
     Writes the rotated key and the value into slot `length` and returns `[B, H * D]`."""
-    batch, kv_heads, _, head_dim = k_cache.shape
+    batch, kv_heads, max_length, head_dim = k_cache.shape
     group = num_heads // kv_heads
     if group & (group - 1) or head_dim & (head_dim - 1) or k_cache.stride(3) != 1:
         raise ValueError(f"decode attention needs power-of-two head groups and head_dim, got {group}, {head_dim}")
     if out is None:
         out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_kernel[(batch, kv_heads)](
-        qkv, k_cache, v_cache, out, inv_freq, length, padding,
+    if workspace is None:
+        workspace = attention_workspace(batch, num_heads, kv_heads, head_dim, qkv.device)
+    split_l = max(MIN_SPLIT, triton.next_power_of_2(-(-max_length // MAX_SPLITS)))
+    _decode_attention_kernel[(batch, kv_heads, MAX_SPLITS)](
+        qkv, k_cache, v_cache, out, inv_freq, length, padding, *workspace,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), head_dim**-0.5,
-        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=32, num_warps=4,
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=64, SPLIT_L=split_l, SPLITS=MAX_SPLITS,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",  # float32 models: no tf32 rounding
+        num_warps=4, **_early_launch(qkv.device),
     )
     return out
 
 
 __all__ = [
-    "SCALE_EPS", "check_shape", "decode_attention", "fused_gemv", "layer_weight", "linear", "quantize_rows",
-    "repack", "w2a8_matmul",
+    "SCALE_EPS", "AttentionWorkspace", "attention_workspace", "check_shape", "decode_attention", "fused_gemv",
+    "layer_weight", "linear", "quantize_rows", "repack", "w2a8_matmul",
 ]
