@@ -340,7 +340,7 @@ struct Decoder {
   // scratch, sized for `batch` rows
   int64_t batch = 0;
   std::vector<float> x, h, qkv, attn, gate_up, act, scales, trig;
-  std::vector<float> scores;  // attention scores, max_len per pool thread
+  std::vector<float> scores;  // attention scores, [query heads per key/value head, max_len] per pool thread
   std::vector<int8_t> codes;
   std::vector<int32_t> sums;
 };
@@ -360,7 +360,8 @@ void ensure_batch(Decoder& d, int64_t batch, int64_t max_len) {
     d.sums.resize(batch);
     d.codes.resize(batch * i2_padded_k(std::max(std::max(d.hidden, q), d.intermediate)));
   }
-  if (static_cast<int64_t>(d.scores.size()) < pool().threads() * max_len) d.scores.resize(pool().threads() * max_len);
+  const int64_t scores = pool().threads() * (d.heads / d.kv_heads) * max_len;
+  if (static_cast<int64_t>(d.scores.size()) < scores) d.scores.resize(scores);
 }
 
 void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* out) {
@@ -369,10 +370,14 @@ void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* 
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * r);
 }
 
-// out [batch, t.out] (row stride ldo) = BitLinear(in [batch, t.in], row stride ldi)
-void ternary(Decoder& d, const Ternary& t, const float* in, int64_t ldi, int64_t batch, float* out) {
+// BitLinear in two parts: each row's input is quantized (in a row phase, see `for_rows`), then one
+// GEMM gives out [batch, t.out] for all rows.
+void quantize_input(Decoder& d, const Ternary& t, const float* in, int64_t b) {
   const int64_t kp = i2_padded_k(t.in);
-  quantize_rows(in, batch, t.in, ldi, d.codes.data(), kp, d.scales.data(), d.sums.data());
+  quantize_rows(in, 1, t.in, t.in, d.codes.data() + b * kp, kp, d.scales.data() + b, d.sums.data() + b);
+}
+
+void ternary(Decoder& d, const Ternary& t, int64_t batch, float* out) {
   Epilogue e;
   e.act_scales = d.scales.data();
   e.w_scales = t.scales;
@@ -427,31 +432,47 @@ struct AttentionJob {
   const Place* places;
 };
 
-// Tasks [begin, end) of the batch's (row, head) pairs.
+// Tasks [begin, end) of the batch's (row, key/value head) pairs. The query heads that share a key/value
+// head go together: the lm_head's kernels multiply 4 keys at a time by all of them, and each value is
+// read once for all of them. Every score and output is summed in the order of a head on its own.
 void attention_rows(void* p, int64_t begin, int64_t end, int thread) {
   auto& j = *static_cast<AttentionJob*>(p);
   Decoder& d = *j.d;
+  const DotKernels& k = kernels();
+  const DType dtype = j.kv->dtype;
   const int64_t q_size = d.heads * d.head_dim, kv_size = d.kv_heads * d.head_dim, qkv_size = q_size + 2 * kv_size;
-  const int64_t group = d.heads / d.kv_heads, hd = d.head_dim;
+  const int64_t group = d.heads / d.kv_heads, hd = d.head_dim, max_len = j.kv->max_len;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  float* scores = d.scores.data() + thread * j.kv->max_len;
+  float* scores = d.scores.data() + thread * group * max_len;  // [group, max_len]
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / d.heads, head = task % d.heads, kv_head = head / group;
+    const int64_t b = task / d.kv_heads, kv_head = task % d.kv_heads;
     const Place& place = j.places[b];
-    const float* q = d.qkv.data() + b * qkv_size + head * hd;
+    const float* q = d.qkv.data() + b * qkv_size + kv_head * group * hd;  // the group's query heads
     const int64_t base = kv_index(*j.kv, d, j.layer, place, kv_head, 0);
     // Visible: the sequence's own keys from its first real token up to the new one (a pad query sees itself).
-    float top = -INFINITY;
-    for (int64_t key = place.first; key <= place.length; ++key) {
-      scores[key] = dot(q, offset(j.kv->keys, j.kv->dtype, base + key * hd), j.kv->dtype, hd) * scale;
-      top = std::max(top, scores[key]);
+    int64_t key = place.first;
+    for (; key + kHeadRows <= place.length + 1; key += kHeadRows) {
+      const void* rows = offset(j.kv->keys, dtype, base + key * hd);
+      k.head[dtype](q, group, hd, rows, rows, hd, hd, scores + key, max_len);
     }
-    float total = 0;
-    for (int64_t key = place.first; key <= place.length; ++key) total += scores[key] = std::exp(scores[key] - top);
-    float* out = d.attn.data() + b * q_size + head * hd;
-    std::fill(out, out + hd, 0.0f);
-    for (int64_t key = place.first; key <= place.length; ++key)
-      axpy(scores[key] / total, offset(j.kv->values, j.kv->dtype, base + key * hd), j.kv->dtype, out, hd);
+    for (; key <= place.length; ++key)
+      for (int64_t g = 0; g < group; ++g) {
+        const void* row = offset(j.kv->keys, dtype, base + key * hd);
+        k.single[dtype](q + g * hd, row, row, 0, hd, scores + g * max_len + key);
+      }
+    float* out = d.attn.data() + b * q_size + kv_head * group * hd;
+    std::fill(out, out + group * hd, 0.0f);
+    for (int64_t g = 0; g < group; ++g) {  // softmax
+      float* s = scores + g * max_len;
+      float top = -INFINITY, total = 0;
+      for (key = place.first; key <= place.length; ++key) top = std::max(top, s[key] *= scale);
+      for (key = place.first; key <= place.length; ++key) total += s[key] = std::exp(s[key] - top);
+      for (key = place.first; key <= place.length; ++key) s[key] /= total;
+    }
+    for (key = place.first; key <= place.length; ++key) {
+      const void* value = offset(j.kv->values, dtype, base + key * hd);
+      for (int64_t g = 0; g < group; ++g) axpy(scores[g * max_len + key], value, dtype, out + g * hd, hd);
+    }
   }
 }
 
@@ -495,6 +516,18 @@ void lm_head(const Decoder& d, const float* x, int64_t batch, float* logits) {
   pool().parallel_for(d.vocab, grain(d.vocab, kHeadRows), lm_head_rows, &head);
 }
 
+// fn(b) for every row b of the batch, spread over the pool's threads (in one piece for small batches):
+// the per-row work between the GEMMs (norms, quantization, RoPE, the gate), which depends on no other row.
+template <typename Fn>
+void for_rows(int64_t batch, const Fn& fn) {
+  pool().parallel_for(
+      batch, grain(batch, 4),
+      [](void* p, int64_t begin, int64_t end, int) {
+        for (int64_t b = begin; b < end; ++b) (*static_cast<const Fn*>(p))(b);
+      },
+      const_cast<Fn*>(&fn));
+}
+
 // Logits [n_out, vocab] for the rows `outputs` (every row if null) of the batch.
 void step(Decoder& d, const int64_t* ids, int64_t batch, const Place* places, const KV& kv, const int64_t* outputs,
           int64_t n_out, float* logits) {
@@ -504,30 +537,34 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, const Place* places, co
   const int64_t I = d.intermediate;
   float* x = d.x.data();
   float* h = d.h.data();
-  for (int64_t b = 0; b < batch; ++b) {
-    const void* row = offset(d.embed, d.embed_dtype, ids[b] * D);
-    for (int64_t i = 0; i < D; ++i)
-      x[b * D + i] = d.embed_dtype == kF32 ? static_cast<const float*>(row)[i] : bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
-  }
-  // cos/sin of each row's position
   float* cos_ = d.trig.data();
   float* sin_ = d.trig.data() + batch * half;
   int64_t keys = 0;  // keys the attention reads, to decide whether it is worth the threads
-  for (int64_t b = 0; b < batch; ++b) {
-    keys += places[b].length + 1 - places[b].first;
+  for (int64_t b = 0; b < batch; ++b) keys += places[b].length + 1 - places[b].first;
+  // The embedding and the cos/sin of each row's position.
+  for_rows(batch, [&](int64_t b) {
+    const void* row = offset(d.embed, d.embed_dtype, ids[b] * D);
+    for (int64_t i = 0; i < D; ++i)
+      x[b * D + i] = d.embed_dtype == kF32 ? static_cast<const float*>(row)[i] : bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
     const float pos = static_cast<float>(places[b].position);
     for (int64_t i = 0; i < half; ++i) {
       const float angle = pos * d.inv_freq[i];
       cos_[b * half + i] = std::cos(angle);
       sin_[b * half + i] = std::sin(angle);
     }
-  }
+  });
 
-  for (int64_t l = 0; l < static_cast<int64_t>(d.layers.size()); ++l) {
+  const int64_t layers = static_cast<int64_t>(d.layers.size());
+  for (int64_t l = 0; l < layers; ++l) {
     const Layer& layer = d.layers[l];
-    for (int64_t b = 0; b < batch; ++b) rms_norm(x + b * D, layer.input_norm, D, d.eps, h + b * D);
-    ternary(d, layer.qkv, h, D, batch, d.qkv.data());
-    for (int64_t b = 0; b < batch; ++b) {
+    for_rows(batch, [&](int64_t b) {
+      if (l > 0)
+        for (int64_t i = 0; i < D; ++i) x[b * D + i] += d.attn[b * D + i];  // the previous layer's down_proj
+      rms_norm(x + b * D, layer.input_norm, D, d.eps, h + b * D);
+      quantize_input(d, layer.qkv, h + b * D, b);
+    });
+    ternary(d, layer.qkv, batch, d.qkv.data());
+    for_rows(batch, [&](int64_t b) {
       float* row = d.qkv.data() + b * qkv_size;
       for (int64_t head = 0; head < d.heads + d.kv_heads; ++head) rope(row + head * hd, cos_ + b * half, sin_ + b * half, half);
       for (int64_t g = 0; g < d.kv_heads; ++g) {
@@ -535,19 +572,25 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, const Place* places, co
         store_kv(kv.keys, kv.dtype, index, row + q_size + g * hd, hd);
         store_kv(kv.values, kv.dtype, index, row + q_size + kv_size + g * hd, hd);
       }
-    }
+    });
     AttentionJob job{&d, &kv, l, batch, places};
     if (keys * d.heads * hd > 1 << 16)
-      pool().parallel_for(batch * d.heads, grain(batch * d.heads, 1), attention_rows, &job);
+      pool().parallel_for(batch * d.kv_heads, grain(batch * d.kv_heads, 1), attention_rows, &job);
     else
-      attention_rows(&job, 0, batch * d.heads, 0);
-    for (int64_t b = 0; b < batch; ++b) rms_norm(d.attn.data() + b * q_size, layer.attn_sub_norm, q_size, d.eps, h + b * q_size);
-    ternary(d, layer.o, h, q_size, batch, d.attn.data());  // attn is free again: o_proj's output
-    for (int64_t i = 0; i < batch * D; ++i) x[i] += d.attn[i];
+      attention_rows(&job, 0, batch * d.kv_heads, 0);
+    for_rows(batch, [&](int64_t b) {
+      rms_norm(d.attn.data() + b * q_size, layer.attn_sub_norm, q_size, d.eps, h + b * q_size);
+      quantize_input(d, layer.o, h + b * q_size, b);
+    });
+    ternary(d, layer.o, batch, d.attn.data());  // attn is free again: o_proj's output
 
-    for (int64_t b = 0; b < batch; ++b) rms_norm(x + b * D, layer.post_norm, D, d.eps, h + b * D);
-    ternary(d, layer.gate_up, h, D, batch, d.gate_up.data());
-    for (int64_t b = 0; b < batch; ++b) {
+    for_rows(batch, [&](int64_t b) {
+      for (int64_t i = 0; i < D; ++i) x[b * D + i] += d.attn[b * D + i];
+      rms_norm(x + b * D, layer.post_norm, D, d.eps, h + b * D);
+      quantize_input(d, layer.gate_up, h + b * D, b);
+    });
+    ternary(d, layer.gate_up, batch, d.gate_up.data());
+    for_rows(batch, [&](int64_t b) {
       const float* gate = d.gate_up.data() + b * 2 * I;
       const float* up = gate + I;
       float* act = d.act.data() + b * I;
@@ -557,11 +600,16 @@ void step(Decoder& d, const int64_t* ids, int64_t batch, const Place* places, co
         act[i] = a * up[i];
       }
       rms_norm(act, layer.ffn_sub_norm, I, d.eps, act);
-    }
-    ternary(d, layer.down, d.act.data(), I, batch, d.attn.data());
-    for (int64_t i = 0; i < batch * D; ++i) x[i] += d.attn[i];
+      quantize_input(d, layer.down, act, b);
+    });
+    ternary(d, layer.down, batch, d.attn.data());
   }
-  for (int64_t i = 0; i < n_out; ++i) rms_norm(x + (outputs ? outputs[i] : i) * D, d.final_norm, D, d.eps, h + i * D);
+  for_rows(n_out, [&](int64_t i) {
+    const int64_t b = outputs ? outputs[i] : i;
+    float* row = h + i * D;
+    for (int64_t k = 0; k < D; ++k) row[k] = layers > 0 ? x[b * D + k] + d.attn[b * D + k] : x[b * D + k];
+    rms_norm(row, d.final_norm, D, d.eps, row);
+  });
   lm_head(d, h, n_out, logits);
 }
 
