@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,6 +20,9 @@ namespace bitnet158 {
 // How long an idle worker spins before it sleeps: long enough to span the Python work between two
 // kernel calls of one decode step, short enough not to steal a core from PyTorch for long.
 static constexpr auto kSpin = std::chrono::microseconds(100);
+// Spinning threads yield the core now and then: on a busy machine (a server's HTTP side and its clients
+// on the same cores) the thread that has work runs sooner; on an idle one the yield returns at once.
+static constexpr int kSpinsPerYield = 64;
 
 ThreadPool& pool() {
   static ThreadPool instance;
@@ -73,7 +77,8 @@ void ThreadPool::worker_loop(int index, uint64_t seen) {
     int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen) {
       cpu_relax();
-      if (++spins % 256 == 0 && std::chrono::steady_clock::now() - started > kSpin) {
+      if (++spins % kSpinsPerYield == 0) sched_yield();
+      if (spins % 256 == 0 && std::chrono::steady_clock::now() - started > kSpin) {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load() != seen; });
       }
@@ -122,7 +127,10 @@ void ThreadPool::parallel_for(int64_t count, int64_t grain, RangeFn fn, void* ct
   }
   wake_.notify_all();
   work(0, generation);
-  while (done_.load(std::memory_order_acquire) != chunks) cpu_relax();
+  for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) {  // chunks others have taken
+    cpu_relax();
+    if (spins % kSpinsPerYield == 0) sched_yield();
+  }
 }
 
 }  // namespace bitnet158
