@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Annotated
 
@@ -41,4 +42,7 @@ def serve(
     lm, tokenizer = load_model(model, resolve_device(device))
     name = (model or embedded_model_path()).name
     app = create_app(lm, tokenizer, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    # The model, tokenizer and app live as long as the process: keep them out of the garbage collector's
+    # full passes, which then take about 1 ms instead of 100 (the engine thread, and every stream, waits).
+    gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="info")
