@@ -71,12 +71,17 @@ using RowsFn = void (*)(const float* a, const void* b, const void* ahead, int64_
 using HeadFn = void (*)(const float* x, int64_t batch, int64_t ldx, const void* b, const void* ahead, int64_t stride,
                         int64_t n, float* out, int64_t ldo);
 using AxpyFn = void (*)(float alpha, const void* x, float* y, int64_t n);  // y += alpha * x
+// Attention's weighted sum of values: out_g += p[g * ldp + k] * v_k for the `heads` heads g and the `count`
+// values v_k = v + k * n, each element summed value by value, one FMA each (as axpy, value after value).
+using AttendFn = void (*)(const float* p, int64_t ldp, int64_t heads, const void* v, int64_t count, int64_t n,
+                          float* out);
 
 struct DotKernels {
   HeadFn head[2];    // kHeadRows rows for a batch, by DType
   RowsFn single[2];  // one row
-  AxpyFn axpy[2];
+  AttendFn attend[2];
 };
+
 
 // A HeadFn that runs a RowsFn input by input.
 template <RowsFn Rows>
@@ -122,10 +127,16 @@ void axpy_portable(float alpha, const void* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * element<T>(x, i);
 }
 
+template <DType T, AxpyFn Axpy>
+void attend_by_axpy(const float* p, int64_t ldp, int64_t heads, const void* v, int64_t count, int64_t n, float* out) {
+  for (int64_t k = 0; k < count; ++k)
+    for (int64_t g = 0; g < heads; ++g) Axpy(p[g * ldp + k], advance<T>(v, k * n), out + g * n, n);
+}
+
 constexpr DotKernels kPortable = {{head_by_input<rows_portable<kF32, kHeadRows>>,
                                    head_by_input<rows_portable<kBF16, kHeadRows>>},
                                   {rows_portable<kF32, 1>, rows_portable<kBF16, 1>},
-                                  {axpy_portable<kF32>, axpy_portable<kBF16>}};
+                                  {attend_by_axpy<kF32, axpy_portable<kF32>>, attend_by_axpy<kBF16, axpy_portable<kBF16>>}};
 
 #if defined(BITNET158_X86)
 // Per-ISA code is compiled for its instruction set inside these regions (as in kernels.cpp) and only
@@ -282,14 +293,47 @@ void axpy_avx512(float alpha, const void* x, float* y, int64_t n) {
     _mm512_mask_storeu_ps(y + i, mask, _mm512_fmadd_ps(va, load16_masked<T>(x, i, mask), y0));
   }
 }
+
+// Blocks of 4 heads x 64 columns stay in 16 registers while every value passes; the rest (heads past a
+// multiple of 4, columns past a multiple of 64) goes value by value through axpy, which sums each
+// element in the same order.
+template <DType T>
+void attend_avx512(const float* p, int64_t ldp, int64_t heads, const void* v, int64_t count, int64_t n, float* out) {
+  const int64_t full_heads = heads / 4 * 4, full_cols = n / 64 * 64;
+  for (int64_t g0 = 0; g0 < full_heads; g0 += 4)
+    for (int64_t c = 0; c < full_cols; c += 64) {
+      __m512 acc[4][4];
+      for (int g = 0; g < 4; ++g)
+        for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_loadu_ps(out + (g0 + g) * n + c + 16 * i);
+      for (int64_t k = 0; k < count; ++k) {
+        const void* row = advance<T>(v, k * n + c);
+        const __m512 x[4] = {load16<T>(row, 0), load16<T>(row, 16), load16<T>(row, 32), load16<T>(row, 48)};
+        for (int g = 0; g < 4; ++g) {
+          const __m512 weight = _mm512_set1_ps(p[(g0 + g) * ldp + k]);
+          for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_fmadd_ps(weight, x[i], acc[g][i]);
+        }
+      }
+      for (int g = 0; g < 4; ++g)
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + (g0 + g) * n + c + 16 * i, acc[g][i]);
+    }
+  for (int64_t k = 0; k < count; ++k)
+    for (int64_t g = 0; g < heads; ++g) {
+      const void* row = advance<T>(v, k * n);
+      if (g < full_heads) {  // the columns past the blocks
+        if (full_cols < n) axpy_avx512<T>(p[g * ldp + k], advance<T>(row, full_cols), out + g * n + full_cols, n - full_cols);
+      } else {
+        axpy_avx512<T>(p[g * ldp + k], row, out + g * n, n);
+      }
+    }
+}
 END_TARGET
 
 constexpr DotKernels kAvx2 = {{head_by_input<rows_avx2<kF32, kHeadRows>>, head_by_input<rows_avx2<kBF16, kHeadRows>>},
                               {rows_avx2<kF32, 1>, rows_avx2<kBF16, 1>},
-                              {axpy_avx2<kF32>, axpy_avx2<kBF16>}};
+                              {attend_by_axpy<kF32, axpy_avx2<kF32>>, attend_by_axpy<kBF16, axpy_avx2<kBF16>>}};
 constexpr DotKernels kAvx512 = {{head_avx512<kF32>, head_avx512<kBF16>},
                                 {rows_avx512<kF32, 1>, rows_avx512<kBF16, 1>},
-                                {axpy_avx512<kF32>, axpy_avx512<kBF16>}};
+                                {attend_avx512<kF32>, attend_avx512<kBF16>}};
 #endif
 
 // The kernels of the instruction set in use (BITNET158_CPU_ISA / set_isa may lower it at any time).
@@ -307,7 +351,6 @@ inline float dot(const float* a, const void* b, DType dtype, int64_t n) {
   return out;
 }
 
-inline void axpy(float alpha, const void* x, DType dtype, float* y, int64_t n) { kernels().axpy[dtype](alpha, x, y, n); }
 
 inline const void* offset(const void* base, DType dtype, int64_t elements) {
   return static_cast<const char*>(base) + elements * (dtype == kF32 ? 4 : 2);
@@ -469,10 +512,8 @@ void attention_rows(void* p, int64_t begin, int64_t end, int thread) {
       for (key = place.first; key <= place.length; ++key) total += s[key] = std::exp(s[key] - top);
       for (key = place.first; key <= place.length; ++key) s[key] /= total;
     }
-    for (key = place.first; key <= place.length; ++key) {
-      const void* value = offset(j.kv->values, dtype, base + key * hd);
-      for (int64_t g = 0; g < group; ++g) axpy(scores[g * max_len + key], value, dtype, out + g * hd, hd);
-    }
+    k.attend[dtype](scores + place.first, max_len, group, offset(j.kv->values, dtype, base + place.first * hd),
+                    place.length + 1 - place.first, hd, out);
   }
 }
 

@@ -12,6 +12,7 @@ from bitnet158.generation.sampling import SamplingParams
 from bitnet158.kernels import cpu, cpu_decode
 from bitnet158.model import KVCache
 from bitnet158.model.slot_cache import SlotCache
+from bitnet158.nn.convert import freeze_
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"native CPU kernels unavailable: {cpu.IMPORT_ERROR}")
 
@@ -90,14 +91,29 @@ def test_falls_back_where_it_does_not_apply(model):
             cpu_decode.decode_step(model, torch.tensor([[model.config.vocab_size]]), cache)
 
 
+@pytest.fixture(params=["embedded", "odd-heads"])
+def slot_model(request, model, make_model) -> BitNetForCausalLM:
+    """The embedded model, and a tiny packed one whose attention leaves remainders in the kernels' blocks of
+    4 query heads and 64 head dimensions (5 query heads per key/value head, head_dim 80)."""
+    if request.param == "embedded":
+        return model
+    return freeze_(make_model(num_attention_heads=10, num_key_value_heads=2, head_dim=80))
+
+
+def _ids(model: BitNetForCausalLM, tokens: list[int]) -> list[int]:
+    return [t % model.config.vocab_size for t in tokens]
+
+
 @torch.inference_mode()
-def test_slot_steps_match_the_pytorch_forward(model, isa, assert_logits_match):
+def test_slot_steps_match_the_pytorch_forward(slot_model, isa, assert_logits_match):
     """Prompt chunks and decoding tokens of several slots in one native step: every slot's logits are those of
     the model's own forward over its whole sequence, and stale keys in a slot are never seen."""
+    model = slot_model
     cache = SlotCache(model.config, num_slots=4, max_length=32)
     cache.keys.normal_()
     cache.values.normal_()
     prompts = {0: [0, 5, 17, 400, 3, 99, 8000], 2: [0, 7, 8], 3: [0, 12, 300, 41, 5]}
+    prompts = {slot: _ids(model, prompt) for slot, prompt in prompts.items()}
     sequences = {slot: [] for slot in prompts}
     # (slot, new tokens) per step: whole prompts, chunks of prompts and decoding side by side
     steps = [[(0, prompts[0]), (2, prompts[2][:2]), (3, prompts[3][:1])],
@@ -117,11 +133,12 @@ def test_slot_steps_match_the_pytorch_forward(model, isa, assert_logits_match):
 
 
 @torch.inference_mode()
-def test_slot_rows_do_not_depend_on_chunks_or_neighbours(model, isa):
+def test_slot_rows_do_not_depend_on_chunks_or_neighbours(slot_model, isa):
     """A sequence gets the same logits and cache entries, bit for bit, alone with its whole prompt, fed token by
     token, or cut into other chunks in another slot beside other sequences (what the server relies on)."""
-    prompt, continuation = [0, 5, 17, 400, 3, 99, 8000, 12, 7], [44, 45, 46]
-    others = [[0, 9, 8, 7, 6, 5], [0, 100, 101], [0, 1000, 2000, 3000]]
+    model = slot_model
+    prompt, continuation = _ids(model, [0, 5, 17, 400, 3, 99, 8000, 12, 7]), _ids(model, [44, 45, 46])
+    others = [_ids(model, o) for o in ([0, 9, 8, 7, 6, 5], [0, 100, 101], [0, 1000, 2000, 3000])]
 
     def run(slot: int, chunks: list[list[int]], neighbours: list[list[list[int]]]) -> tuple[torch.Tensor, ...]:
         cache = SlotCache(model.config, num_slots=4, max_length=32)
