@@ -85,7 +85,8 @@ class NativeDecoder:
 
         def ternary(parts: list[PackedBitLinear]) -> tuple:
             packed, scales, rows = _fused(parts)
-            style = cpu.gemm_style() if batched else cpu.choose_style(rows, parts[0].in_features, 1)
+            # batches: the style of a GEMM (past GEMV_MAX_M rows), or the one BITNET158_CPU_STYLE forces
+            style = cpu.choose_style(rows, parts[0].in_features, cpu.GEMV_MAX_M + 1 if batched else 1)
             key = (id(parts[0]), style)
             if key not in self._repacked:
                 self._repacked[key] = cpu.repack(packed, rows, style)
