@@ -20,9 +20,19 @@ namespace bitnet158 {
 // How long an idle worker spins before it sleeps: long enough to span the Python work between two
 // kernel calls of one decode step, short enough not to steal a core from PyTorch for long.
 static constexpr auto kSpin = std::chrono::microseconds(100);
-// Spinning threads yield the core now and then: on a busy machine (a server's HTTP side and its clients
-// on the same cores) the thread that has work runs sooner; on an idle one the yield returns at once.
+// A thread that has waited this long yields the core every 64 pauses: on a busy machine (a server's HTTP
+// side and its clients on the same cores) the thread that has work runs sooner. Not earlier: the short
+// waits between kernel calls would hand the core, for a whole time slice, to whatever else is runnable
+// there, such as PyTorch's OpenMP workers or llama.cpp's, which spin after each op (a GEMV alternating
+// with torch ops then takes 1.6x as long).
+static constexpr auto kYieldAfter = std::chrono::microseconds(50);
 static constexpr int kSpinsPerYield = 64;
+
+// One pause of a thread waiting since `started`.
+static inline void wait_a_little(std::chrono::steady_clock::time_point started, int spins) {
+  cpu_relax();
+  if (spins % kSpinsPerYield == 0 && std::chrono::steady_clock::now() - started > kYieldAfter) sched_yield();
+}
 
 ThreadPool& pool() {
   static ThreadPool instance;
@@ -76,8 +86,7 @@ void ThreadPool::worker_loop(int index, uint64_t seen) {
     auto started = std::chrono::steady_clock::now();
     int spins = 0;
     while (generation_.load(std::memory_order_acquire) == seen) {
-      cpu_relax();
-      if (++spins % kSpinsPerYield == 0) sched_yield();
+      wait_a_little(started, ++spins);
       if (spins % 256 == 0 && std::chrono::steady_clock::now() - started > kSpin) {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load() != seen; });
@@ -127,10 +136,8 @@ void ThreadPool::parallel_for(int64_t count, int64_t grain, RangeFn fn, void* ct
   }
   wake_.notify_all();
   work(0, generation);
-  for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) {  // chunks others have taken
-    cpu_relax();
-    if (spins % kSpinsPerYield == 0) sched_yield();
-  }
+  const auto started = std::chrono::steady_clock::now();
+  for (int spins = 1; done_.load(std::memory_order_acquire) != chunks; ++spins) wait_a_little(started, spins);
 }
 
 }  // namespace bitnet158
