@@ -3,6 +3,7 @@ promise that chunking and batching do not change a request's tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bitnet158.cli.model_loading import load_model
@@ -47,37 +48,57 @@ def test_chunked_prompts_share_the_budget_oldest_first():
     assert _chunks(scheduler.admit(chunked=True)) == [(0, [10])]
 
 
+def _serve(
+    model, arrivals: dict[int, list[list[int]]], budget: int, chunked: bool
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Run the scheduler and runner as the engine does; each request's 6 tokens and their logits."""
+    runner, scheduler = ModelRunner(model, 4), Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=budget)
+    assert runner.chunked_prompts == chunked
+    requests, results = [], {}
+    for step in range(200):
+        for prompt in arrivals.get(step, []):
+            requests.append(_request(prompt, max_new_tokens=6))
+            scheduler.submit(requests[-1])
+        decoding = scheduler.decoding()
+        prompts = scheduler.admit(chunked=runner.chunked_prompts)
+        if not prompts and not decoding:
+            break
+        ready, logits = runner.step(prompts, decoding)
+        for request, row, (token, _) in zip(ready, logits, sample(logits, ready), strict=True):
+            request.generated, request.last_token = request.generated + 1, token
+            results.setdefault(id(request), ([], []))[0].append(token)
+            results[id(request)][1].append(row)
+            if request.generated == request.params.max_new_tokens:
+                scheduler.retire(request)
+                runner.release(request.slot)
+    return [(results[id(r)][0], torch.stack(results[id(r)][1])) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(None, torch.device("cpu"))
+
+
 @torch.inference_mode()
-def test_chunked_batched_requests_get_their_lone_tokens():
+def test_chunked_batched_requests_get_their_lone_tokens(embedded):
     """Requests arriving at different steps, their prompts cut into chunks of at most 3 tokens beside other
     requests' chunks and decoding, get exactly the tokens and logits they get alone with whole prompts."""
-    model, tokenizer = load_model(None, torch.device("cpu"))
+    model, tokenizer = embedded
     prompts = [tokenizer.encode(text) for text in ("import os\n", "class Stack:\n    def", "def main():", "# C")]
-
-    def generate(arrivals: dict[int, list[list[int]]], budget: int) -> list[tuple[list[int], torch.Tensor]]:
-        runner, scheduler = ModelRunner(model, 4), Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=budget)
-        assert runner.chunked_prompts
-        requests, results = [], {}
-        for step in range(200):
-            for prompt in arrivals.get(step, []):
-                requests.append(_request(prompt, max_new_tokens=6))
-                scheduler.submit(requests[-1])
-            decoding = scheduler.decoding()
-            prompts = scheduler.admit(chunked=True)
-            if not prompts and not decoding:
-                break
-            ready, logits = runner.step(prompts, decoding)
-            for request, row, (token, _) in zip(ready, logits, sample(logits, ready), strict=True):
-                request.generated, request.last_token = request.generated + 1, token
-                results.setdefault(id(request), ([], []))[0].append(token)
-                results[id(request)][1].append(row)
-                if request.generated == request.params.max_new_tokens:
-                    scheduler.retire(request)
-                    runner.release(request.slot)
-        return [(results[id(r)][0], torch.stack(results[id(r)][1])) for r in requests]
-
-    alone = [generate({0: [prompt]}, budget=512)[0] for prompt in prompts]
-    together = generate({0: prompts[:2], 2: prompts[2:3], 3: prompts[3:]}, budget=3)
+    alone = [_serve(model, {0: [prompt]}, budget=512, chunked=True)[0] for prompt in prompts]
+    together = _serve(model, {0: prompts[:2], 2: prompts[2:3], 3: prompts[3:]}, budget=3, chunked=True)
     for (tokens, logits), (lone_tokens, lone_logits) in zip(together, alone, strict=True):
         assert tokens == lone_tokens
         assert torch.equal(logits, lone_logits)
+
+
+@torch.inference_mode()
+def test_pytorch_path_prefills_whole_prompts(embedded, monkeypatch):
+    """Without the native decoder (here switched off) prompts are prefilled whole through the model's forward,
+    several in one right-padded batch, and decode beside each other: each request gets its lone tokens."""
+    monkeypatch.setenv("BITNET158_CPU_KERNELS", "0")
+    model, tokenizer = embedded
+    prompts = [tokenizer.encode(text) for text in ("import os\n", "class Stack:\n    def", "# C")]
+    alone = [_serve(model, {0: [prompt]}, budget=512, chunked=False)[0][0] for prompt in prompts]
+    together = _serve(model, {0: prompts[:2], 2: prompts[2:]}, budget=512, chunked=False)
+    assert [tokens for tokens, _ in together] == alone
