@@ -28,8 +28,9 @@ class KVCache:
         self.length = 0
 
     def set_padding(self, padding: torch.Tensor) -> None:
-        """Number of left pad tokens in each sequence's prompt."""
-        self.padding = padding.to(device=self.keys.device, dtype=torch.long)
+        """Number of left pad tokens in each sequence's prompt. Written into the existing tensor: a
+        captured decode graph reads it at a fixed address."""
+        self.padding.copy_(padding)
 
     def positions(self, num_new: int) -> torch.Tensor:
         """Rotary positions `[batch, num_new]` of the next tokens: slot minus left padding."""
