@@ -40,12 +40,7 @@ def generate_tokens(
     # The last token is sampled but never fed back, so it needs no cache slot.
     steps = min(params.max_new_tokens, context - longest + 1)
     batch, device = len(prompt_ids), model.device
-    if device.type == "cuda" and gpu_kernels_available():
-        yield from _generate_tokens_gpu(model, prompt_ids, params, longest, steps)
-        return
-
-    cache = KVCache(model.config, batch, longest + steps - 1, device, model.dtype)
-    cache.set_padding(torch.tensor([longest - len(ids) for ids in prompt_ids]))
+    padding = torch.tensor([longest - len(ids) for ids in prompt_ids])
     # Pad with token 0: pad slots are masked out of attention, so their value does not matter.
     input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
     seen = None
@@ -54,7 +49,12 @@ def generate_tokens(
         for row, ids in enumerate(prompt_ids):
             seen[row, ids] = True
     generator = make_generator(params.seed, device)
+    if device.type == "cuda" and gpu_kernels_available():
+        yield from _generate_tokens_gpu(model, input_ids, padding, params, generator, seen, steps)
+        return
 
+    cache = KVCache(model.config, batch, longest + steps - 1, device, model.dtype)
+    cache.set_padding(padding)
     logits = model(input_ids, cache)[:, -1]
     for step in range(steps):
         tokens = next_token(logits, params, generator, seen)
@@ -79,22 +79,21 @@ def _decoder(model: BitNetForCausalLM, batch: int, max_length: int):
 
 
 def _generate_tokens_gpu(
-    model: BitNetForCausalLM, prompt_ids: list[list[int]], params: SamplingParams, longest: int, steps: int
+    model: BitNetForCausalLM,
+    input_ids: torch.Tensor,
+    padding: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    seen: torch.Tensor | None,
+    steps: int,
 ) -> Iterator[torch.Tensor]:
     """`generate_tokens` on a CUDA device: the graph-captured decode step of `GPUDecoder`.
 
     Each step's tokens are copied to the host right after sampling and the next step is queued
     before the host waits for them, so the GPU never idles while the caller handles text."""
-    batch, device = len(prompt_ids), model.device
+    batch, longest = input_ids.shape
     decoder = _decoder(model, batch, longest + steps - 1)
-    decoder.reset(torch.tensor([longest - len(ids) for ids in prompt_ids]))
-    input_ids = torch.tensor([[0] * (longest - len(ids)) + ids for ids in prompt_ids], device=device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-        for row, ids in enumerate(prompt_ids):
-            seen[row, ids] = True
-    generator = make_generator(params.seed, device)
+    decoder.reset(padding)
     host = torch.empty(batch, dtype=torch.long, pin_memory=True)
     copied = torch.cuda.Event()
 
