@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet158.kernels import gpu
+from bitnet158.kernels import gpu, gpu_attention
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.model.bitnet import RMSNorm, fuse_projections_
 from bitnet158.nn.bitlinear import PackedBitLinear
@@ -42,7 +42,7 @@ class GPUDecoder:
         head_dim = config.head_dim
         # The same float32 expression as `rotary_cos_sin`, so that the angles agree bit for bit.
         self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-        self.attention_workspace = gpu.attention_workspace(
+        self.attention_workspace = gpu_attention.attention_workspace(
             batch, config.num_attention_heads, config.num_key_value_heads, head_dim, device
         )
         self.use_graph = use_graph
@@ -100,7 +100,7 @@ class GPUDecoder:
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x)
-            heads = gpu.decode_attention(
+            heads = gpu_attention.decode_attention(
                 qkv, self.cache.keys[i], self.cache.values[i], self.inv_freq, self.slot, self.cache.padding,
                 config.num_attention_heads, workspace=self.attention_workspace,
             )
