@@ -1,7 +1,6 @@
-"""Decoding on an NVIDIA GPU: a static KV cache and one CUDA graph per decode step.
+"""Decoding on an NVIDIA GPU: static KV caches and graph-captured decode steps.
 
-The prompt is prefilled through the model's ordinary forward (batched W2A8 tensor-core kernels).
-Each decode step then runs a flat, fused sequence per layer, captured once as a CUDA graph:
+Each decode step runs a flat, fused sequence per layer, captured once as a CUDA graph:
 
     qkv  = W2A8(quant(rmsnorm(x)))                  one kernel: norm, quantization and GEMV
     attn = attention(rope(qkv), cache)               one kernel: rotary, cache write, attention
@@ -9,9 +8,14 @@ Each decode step then runs a flat, fused sequence per layer, captured once as a 
     h    = relu2(gate) * up of W2A8(quant(rmsnorm(x)))  one kernel, fused gate/up rows
     x    = x + W2A8(quant(sub_norm(h)))              one kernel
 
-The cache slot of the next token lives in device memory and the step increments it, so the same
-graph replays at every length. Sampling runs on the GPU; the host only copies each step's tokens
-back to emit text, and the next step is already queued when it does.
+Each row is one token at its own cache position (`lengths`, in device memory, so that the same graph
+replays at every length) in its own cache slot. Two users:
+
+- `GPUDecoder` (`generate()`): a batch of left-padded prompts, prefilled through the model's ordinary
+  forward into a `KVCache`, then decoded together; the step advances the lengths on the device, and
+  sampling runs on the GPU, so the host only copies each step's tokens back to emit text.
+- `SlotDecoder` (the server): requests in the slots of a `SlotCache`, each at its own length; one
+  graph per batch-size bucket.
 
 Models with dense `nn.Linear` layers (for comparisons) run the same step with cuBLAS GEMVs.
 """
@@ -25,6 +29,7 @@ from torch import nn
 from bitnet158.kernels import gpu, gpu_attention
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.model.bitnet import RMSNorm, fuse_projections_
+from bitnet158.model.slot_cache import SlotCache
 from bitnet158.nn.bitlinear import PackedBitLinear
 
 
@@ -38,12 +43,11 @@ class GPUDecoder:
         device, dtype = model.device, model.dtype
         self.cache = KVCache(config, batch, max_length, device, dtype)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)  # the graph's input
-        self.slot = torch.zeros((), dtype=torch.int32, device=device)  # cache slot of the next token
-        head_dim = config.head_dim
-        # The same float32 expression as `rotary_cos_sin`, so that the angles agree bit for bit.
-        self.inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # cache position of the next token
+        self.rows = torch.arange(batch, device=device)  # row b is the cache's sequence b
+        self.inv_freq = _inv_freq(config, device)
         self.attention_workspace = gpu_attention.attention_workspace(
-            batch, config.num_attention_heads, config.num_key_value_heads, head_dim, device
+            batch, config.num_attention_heads, config.num_key_value_heads, config.head_dim, device
         )
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -58,7 +62,7 @@ class GPUDecoder:
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the (left-padded) prompts `[batch, seq]`; the last position's logits `[batch, vocab]`."""
         logits = self.model(input_ids, self.cache)[:, -1]
-        self.slot.fill_(self.cache.length)
+        self.lengths.fill_(self.cache.length)
         return logits
 
     @torch.inference_mode()
@@ -71,65 +75,160 @@ class GPUDecoder:
             logits = self._step()
         else:
             if self.graph is None:
-                self._capture()
+                # The warm-up's cache writes land where the real step overwrites them; its length increments are undone.
+                self.graph, self.logits = _capture(self._step, self.lengths)
             self.graph.replay()
             logits = self.logits
         self.cache.advance(1)
         return logits
 
-    def _capture(self) -> None:
-        # Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), undoing the step's
-        # effects: its cache write lands in the slot the real step overwrites.
-        slot = self.slot.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-                self.slot.copy_(slot)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
-        self.slot.copy_(slot)
-
     def _step(self) -> torch.Tensor:
-        """One decode step for every row; advances `self.slot` on the device."""
-        model, config = self.model, self.model.config
-        x = F.embedding(self.tokens, model.model.embed_tokens.weight)  # [batch, hidden]
-        for i, layer in enumerate(model.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x)
-            heads = gpu_attention.decode_attention(
-                qkv, self.cache.keys[i], self.cache.values[i], self.inv_freq, self.slot, self.cache.padding,
-                config.num_attention_heads, workspace=self.attention_workspace,
-            )
-            x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x)
-            if mlp.relu2:
-                h = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, relu2_gate_up=True)
-            else:
-                gate, up = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x).chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            x = _norm_linear(mlp.ffn_sub_norm, mlp.down_proj, h, residual=x)
-        logits = model.lm_head(model.model.norm(x))
-        self.slot += 1
+        """One decode step for every row; advances `self.lengths` on the device."""
+        x = _decode_layers(self.model, self.tokens, self.cache.keys, self.cache.values, self.inv_freq, self.lengths,
+                           self.cache.padding, self.rows, self.attention_workspace, fused=True)
+        logits = self.model.lm_head(self.model.model.norm(x))
+        self.lengths += 1
         return logits
+
+
+class SlotDecoder:
+    """Graph-captured decode steps over the slots of a `SlotCache`, for the server: each row feeds one
+    token into its own slot, at that slot's length, whatever the other rows' lengths.
+
+    There is one graph per bucket of rows (1, 2, 4, ... and `max_rows`); a step runs the smallest that
+    holds its rows, the other rows padding, which write into the cache's last slot (kept out of use for
+    them) at position 0. A row's numbers do not depend on its bucket or neighbours: every kernel of the
+    layers computes each row on its own, and the final norm and `lm_head` always run on `max_rows` rows,
+    since cuBLAS may pick another kernel (another summation order) for another number of rows.
+
+    The linears run unfused (`_norm_linear`): the W2A8 matmul reads the weights once for all rows (on the
+    H100, 2B4T: a 32-row step takes 4.9 ms unfused, 12.8 ms fused), and whichever kernel it picks for a
+    bucket gives the same numbers. The fused GEMV, faster for one row (1.27 ms against 1.90), sums the
+    norm in another order than the separate quantization kernel, so the two cannot share requests.
+    """
+
+    def __init__(self, model: BitNetForCausalLM, cache: SlotCache, max_rows: int) -> None:
+        config = model.config
+        self.model = fuse_projections_(model)
+        self.cache = cache
+        self.scratch = cache.num_slots - 1
+        device = model.device
+        # Per row: token, cache position, slot; filled by one copy per step.
+        self.inputs = torch.zeros(3, max_rows, dtype=torch.long, device=device)
+        self.padding = torch.zeros(max_rows, dtype=torch.long, device=device)  # requests are not left-padded
+        self.hidden = torch.zeros(max_rows, config.hidden_size, dtype=model.dtype, device=device)
+        self.inv_freq = _inv_freq(config, device)
+        self.attention_workspace = gpu_attention.attention_workspace(
+            max_rows, config.num_attention_heads, config.num_key_value_heads, config.head_dim, device
+        )
+        self.buckets = sorted({min(2**i, max_rows) for i in range(max_rows.bit_length() + 1)})
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.inputs[2] = self.scratch  # the warm-up and capture runs write there
+        pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
+        with torch.inference_mode():
+            for rows in reversed(self.buckets):  # the largest first, so that the others reuse its memory
+                self.graphs[rows] = _capture(lambda rows=rows: self._step(rows), None, pool)
+
+    @torch.inference_mode()
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Append `tokens[i]` to slot `slots[i]` (distinct slots); the next-token logits `[len(slots), vocab]`
+        (a buffer reused by later steps)."""
+        rows = len(slots)
+        bucket = next(b for b in self.buckets if b >= rows)
+        lengths = [self.cache.lengths[slot] for slot in slots]
+        if max(lengths) >= self.cache.max_length:
+            raise ValueError(f"{max(lengths) + 1} tokens do not fit a slot of {self.cache.max_length}")
+        pad = bucket - rows
+        self.inputs[:, :bucket].copy_(torch.tensor([tokens + [0] * pad, lengths + [0] * pad,
+                                                    slots + [self.scratch] * pad]))
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        for slot in slots:
+            self.cache.lengths[slot] += 1
+        return logits[:rows]
+
+    def _step(self, rows: int) -> torch.Tensor:
+        tokens, lengths, slots = self.inputs[:, :rows]
+        self.hidden[:rows] = _decode_layers(self.model, tokens, self.cache.keys, self.cache.values, self.inv_freq,
+                                            lengths, self.padding[:rows], slots, self.attention_workspace,
+                                            fused=False)
+        return self.model.lm_head(self.model.model.norm(self.hidden))
+
+
+def _inv_freq(config, device: torch.device) -> torch.Tensor:
+    # The same float32 expression as `rotary_cos_sin`, so that the angles agree bit for bit.
+    head_dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
+def _capture(step, undo: torch.Tensor | None, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`step` captured as a CUDA graph, and its output. Two warm-up runs on a side stream first (Triton
+    compiles, cuBLAS picks its kernels); `undo`, which the step changes in place, is restored after each."""
+    saved = None if undo is None else undo.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+            if undo is not None:
+                undo.copy_(saved)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
+
+
+def _decode_layers(
+    model: BitNetForCausalLM, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, inv_freq: torch.Tensor,
+    lengths: torch.Tensor, padding: torch.Tensor, slots: torch.Tensor, workspace: gpu_attention.AttentionWorkspace,
+    fused: bool,
+) -> torch.Tensor:
+    """Every layer for one new token per row `tokens [rows]`, each written at position `lengths[b]` of cache
+    slot `slots[b]` (caches `[layers, slots, kv_heads, length, head_dim]`); the hidden states `[rows, hidden]`
+    before the final norm. `fused`: the linears' kernels, as in `_norm_linear`."""
+    config = model.config
+    x = F.embedding(tokens, model.model.embed_tokens.weight)
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x, fused=fused)
+        heads = gpu_attention.decode_attention(qkv, keys[i], values[i], inv_freq, lengths, padding, slots,
+                                               config.num_attention_heads, workspace=workspace)
+        x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x, fused=fused)
+        if mlp.relu2:
+            h = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, relu2_gate_up=True, fused=fused)
+        else:
+            gate, up = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, fused=fused).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        x = _norm_linear(mlp.ffn_sub_norm, mlp.down_proj, h, residual=x, fused=fused)
+    return x
 
 
 def _norm_linear(
     norm: RMSNorm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None,
-    relu2_gate_up: bool = False,
+    relu2_gate_up: bool = False, fused: bool = True,
 ) -> torch.Tensor:
-    """`linear(norm(x))` (+ `residual`, in place), or `relu(gate)^2 * up` of a fused gate/up linear."""
-    fusable = isinstance(linear, PackedBitLinear) and linear.bias is None and linear.in_features <= gpu.FUSED_MAX_K
-    if fusable and (linear.out_features % 4 == 0 or not relu2_gate_up):
+    """`linear(norm(x))` (+ `residual`, in place), or `relu(gate)^2 * up` of a fused gate/up linear.
+
+    `fused`: one kernel (norm, quantization, GEMV and epilogue), the fastest for a row or two, but each
+    row reads the weights again. Otherwise a norm-and-quantization kernel, then the W2A8 matmul, which
+    reads the weights once for all rows past 8 (tensor cores); its integer sums are exact and scaled as
+    the GEMV's are, so a row's output is the same whichever kernel the number of rows picks."""
+    packed = isinstance(linear, PackedBitLinear) and linear.bias is None
+    fusable = packed and linear.in_features <= gpu.FUSED_MAX_K and (linear.out_features % 4 == 0 or not relu2_gate_up)
+    if fused and fusable:
         weight = gpu.layer_weight(linear)
         if residual is not None:
             return gpu.fused_gemv(x, norm.weight, norm.eps, weight, linear.weight_scale, linear.out_features,
                                   "residual", residual, residual)
         epilogue = "relu2_gate_up" if relu2_gate_up else "none"
         return gpu.fused_gemv(x, norm.weight, norm.eps, weight, linear.weight_scale, linear.out_features, epilogue)
-    y = linear(norm(x))
+    if packed:
+        weight = gpu.layer_weight(linear)
+        codes, scale, sums = gpu.quantize_rows(x, weight.shape[1], norm.weight, norm.eps)
+        y = gpu.w2a8_matmul(codes, scale, sums, weight, linear.weight_scale, linear.out_features, x.dtype)
+    else:
+        y = linear(norm(x))
     if relu2_gate_up:
         gate, up = y.chunk(2, dim=-1)
         return F.relu(gate).square() * up

@@ -1,8 +1,11 @@
-"""Decode attention on NVIDIA GPUs: rotary embedding, cache write and attention for one new token per sequence.
+"""Decode attention on NVIDIA GPUs: rotary embedding, cache write and attention for one new token per row.
 
-One program per (sequence, key/value head, split of the cache): the splits read their part of the
-cache in parallel (one program per head would walk the whole cache alone), and the last split to
-finish combines the partial softmaxes (flash-decoding, without a second kernel).
+Each row is one sequence's new token at its own cache position, in its own cache slot: `generate()`
+decodes a batch of left-padded sequences that share one length, the server decodes requests of any
+lengths in any slots. One program per (row, key/value head, split of the cache): the splits read their
+part of the cache in parallel (one program per head would walk the whole cache alone), and the last
+split to finish combines the partial softmaxes (flash-decoding, without a second kernel). Programs read
+only their own row's data, so a row's result does not depend on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -47,19 +50,21 @@ def _rotate(lo, hi, cos, sin, dtype: tl.constexpr):
 
 @triton.jit
 def _decode_attention_kernel(
-    qkv_ptr, k_cache, v_cache, out_ptr, inv_freq_ptr, length_ptr, padding_ptr, part_out, part_stats, arrivals,
+    qkv_ptr, k_cache, v_cache, out_ptr, inv_freq_ptr, lengths_ptr, padding_ptr, slots_ptr, part_out, part_stats,
+    arrivals,
     stride_qkv, stride_cb, stride_ch, stride_cl, stride_out, sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
     SPLIT_L: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Program (b, g, s): the GROUP query heads of key/value head g of sequence b, over cache slots
-    [s * SPLIT_L, (s + 1) * SPLIT_L).
+    """Program (b, g, s): the GROUP query heads of key/value head g of row b, over cache positions
+    [s * SPLIT_L, (s + 1) * SPLIT_L) of the row's slot `slots[b]`.
 
     `qkv` holds `[q (H * D) | k (KV * D) | v (KV * D)]` of the new token. The new token sits at cache
-    slot `length` (read from device memory, so a captured graph replays at any length); its rotary
-    position is `length - padding[b]`. Keys before `padding[b]` are left padding and are skipped.
-    Split 0 writes the new key and value to the cache and attends to them from registers; the
-    other splits read only slots below `length`, so no split reads what another writes.
+    position `length = lengths[b]` (read from device memory, so a captured graph replays at any length);
+    its rotary position is `length - padding[b]`. Keys before `padding[b]` are left padding and are
+    skipped. Split 0 writes the new key and value to the cache and attends to them from registers; the
+    other splits read only positions below `length`, so no split reads what another writes (rows must
+    be in different slots).
 
     The query heads are padded to 16 rows (zeros, never stored) so that scores and outputs are
     tensor-core dots; each head dimension is handled as two halves, as the rotary embedding pairs them."""
@@ -70,8 +75,9 @@ def _decode_attention_kernel(
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     ROWS: tl.constexpr = 16 if GROUP < 16 else GROUP
-    length = tl.load(length_ptr)
+    length = tl.load(lengths_ptr + b)
     pad = tl.load(padding_ptr + b)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
     d = tl.arange(0, half)
     angle = (length - pad).to(tl.float32) * tl.load(inv_freq_ptr + d)
     cos = _round_to(tl.cos(angle), dtype)
@@ -88,8 +94,8 @@ def _decode_attention_kernel(
     k1, k2 = _rotate(tl.load(k_row + d).to(tl.float32), tl.load(k_row + half + d).to(tl.float32), cos, sin, dtype)
     v1 = tl.load(v_row + d).to(tl.float32)
     v2 = tl.load(v_row + half + d).to(tl.float32)
-    cache_k = k_cache + b * stride_cb + g * stride_ch
-    cache_v = v_cache + b * stride_cb + g * stride_ch
+    cache_k = k_cache + slot * stride_cb + g * stride_ch
+    cache_v = v_cache + slot * stride_cb + g * stride_ch
     first = split == 0
     write = d < tl.where(first, half, 0)  # all of the head in split 0, none elsewhere
     tl.store(cache_k + length * stride_cl + d, k1.to(dtype), mask=write)
@@ -158,18 +164,21 @@ def decode_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     inv_freq: torch.Tensor,
-    length: torch.Tensor,
+    lengths: torch.Tensor,
     padding: torch.Tensor,
+    slots: torch.Tensor,
     num_heads: int,
     out: torch.Tensor | None = None,
     workspace: AttentionWorkspace | None = None,
 ) -> torch.Tensor:
-    """Attention of one new token per row. `qkv [B, (H + 2 KV) D]`; caches `[B, KV, L, D]` (one layer);
-    `length` (int32 scalar tensor): the new token's cache slot; `padding [B]`: left pad per row.
+    """Attention of one new token per row. `qkv [B, (H + 2 KV) D]`; caches `[S, KV, L, D]` (one layer, S
+    slots); per row (int tensors `[B]`): `lengths`, the new token's cache position; `padding`, left pad
+    tokens; `slots`, the cache slot it reads and writes (distinct rows, distinct slots).
     `workspace` (from `attention_workspace`) saves allocating one per call: the decode graph passes its own.
 
-    Writes the rotated key and the value into slot `length` and returns `[B, H * D]`."""
-    batch, kv_heads, max_length, head_dim = k_cache.shape
+    Writes the rotated key and the value into position `lengths[b]` of slot `slots[b]` and returns `[B, H * D]`."""
+    batch = qkv.shape[0]
+    _, kv_heads, max_length, head_dim = k_cache.shape
     group = num_heads // kv_heads
     if group & (group - 1) or head_dim & (head_dim - 1) or k_cache.stride(3) != 1:
         raise ValueError(f"decode attention needs power-of-two head groups and head_dim, got {group}, {head_dim}")
@@ -179,7 +188,7 @@ def decode_attention(
         workspace = attention_workspace(batch, num_heads, kv_heads, head_dim, qkv.device)
     split_l = max(MIN_SPLIT, triton.next_power_of_2(-(-max_length // MAX_SPLITS)))
     _decode_attention_kernel[(batch, kv_heads, MAX_SPLITS)](
-        qkv, k_cache, v_cache, out, inv_freq, length, padding, *workspace,
+        qkv, k_cache, v_cache, out, inv_freq, lengths, padding, slots, *workspace,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), head_dim**-0.5,
         KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=64, SPLIT_L=split_l, SPLITS=MAX_SPLITS,
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",  # float32 models: no tf32 rounding

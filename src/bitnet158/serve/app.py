@@ -37,7 +37,7 @@ MAX_BODY_BYTES = 1 << 20
 # (the PyTorch path) are prefilled between two decode steps, at least one per step: a few prompts' worth.
 # The native CPU path cuts prompts into chunks that share a step with every decoding request: a 901-token
 # prompt beside 8 streams stretches their gaps to 160 ms with 512 per step, to 64 ms with 128 (and its
-# own first token comes 15% later).
+# own first token comes 15% later). On CUDA a prompt goes one token per step, so this only bounds arrivals.
 MAX_PREFILL_TOKENS = 512
 MAX_CHUNKED_PREFILL_TOKENS = 128
 
@@ -61,7 +61,7 @@ def create_app(
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     runner = ModelRunner(model, max_batch)
-    budget = MAX_CHUNKED_PREFILL_TOKENS if runner.chunked_prompts else MAX_PREFILL_TOKENS
+    budget = MAX_PREFILL_TOKENS if runner.prompt_chunk is None else MAX_CHUNKED_PREFILL_TOKENS
     engine = Engine(runner, Scheduler(max_batch, max_queue, budget), eos_ids, metrics)
     generator = Generator(engine, tokenizer, model_name, model.config.max_position_embeddings)
     created = int(time.time())

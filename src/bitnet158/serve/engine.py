@@ -63,7 +63,7 @@ class Engine:
             if request.slot is not None:
                 self.runner.release(request.slot)
         decoding = self.scheduler.decoding()
-        prompts = self.scheduler.admit(chunked=self.runner.chunked_prompts)
+        prompts = self.scheduler.admit(self.runner.prompt_chunk)
         if prompts:
             self.metrics.prompt_tokens.inc(sum(len(chunk) for _, chunk in prompts))
         if prompts or decoding:

@@ -1,12 +1,21 @@
 """Runs the model for the engine: feed prompt chunks and decoding requests' last tokens into their cache
-slots, and pick each row's next token with that row's own sampling parameters."""
+slots, and pick each row's next token with that row's own sampling parameters.
+
+Three ways to run a step, by device:
+- CUDA: one graph-captured decode step (`SlotDecoder`) with one row per request, prompt tokens too, one
+  per step (rows must be in different slots);
+- the native CPU decoder: one call with a row per token, prompt chunks of any length beside decoding rows;
+- elsewhere the model's forward: whole prompts in one right-padded batch, then the decoding rows.
+On CUDA and the native CPU path a row's numbers depend only on its own slot, so a request gets exactly the
+tokens it gets alone, whatever runs beside it.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from bitnet158.generation.sampling import make_generator, next_token
-from bitnet158.kernels import cpu_decode
+from bitnet158.kernels import cpu_decode, gpu_kernels_available
 from bitnet158.model import BitNetForCausalLM
 from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.request import Request, TokenLogprob
@@ -16,12 +25,20 @@ class ModelRunner:
     def __init__(self, model: BitNetForCausalLM, num_slots: int) -> None:
         self.model = model
         self.context = model.config.max_position_embeddings
-        self.cache = SlotCache(model.config, num_slots, self.context, model.device, model.dtype)
+        self.num_slots = num_slots
+        graph = model.device.type == "cuda" and gpu_kernels_available()
+        # The graph step's padding rows write into a spare last slot.
+        self.cache = SlotCache(model.config, num_slots + graph, self.context, model.device, model.dtype)
+        self.decoder = None
+        if graph:
+            from bitnet158.generation.gpu_decode import SlotDecoder  # imports Triton
+
+            self.decoder = SlotDecoder(model, self.cache, num_slots)
         with torch.inference_mode():
-            # The native CPU decoder runs prompt chunks and decoding rows together in one step, each row on
-            # its own: prompts may be cut into chunks. Elsewhere a prompt is prefilled whole (cutting it would
-            # change its rounding), then it decodes.
-            self.chunked_prompts = cpu_decode.applies(model, self.cache)
+            native = cpu_decode.applies(model, self.cache)
+        # The most tokens of one prompt a step takes (None: the whole prompt, which the PyTorch path
+        # prefills in one piece, since cutting it would change its rounding).
+        self.prompt_chunk = 1 if graph else self.context if native else None
 
     @torch.inference_mode()
     def step(
@@ -34,7 +51,10 @@ class ModelRunner:
             if request.prompt_done == len(chunk):  # the prompt's first chunk: the slot starts empty
                 self.cache.release(request.slot)
         requests = [request for request, _ in prompts] + decoding
-        if cpu_decode.applies(self.model, self.cache):
+        if self.decoder is not None:
+            tokens = [chunk[0] for _, chunk in prompts] + [r.last_token for r in decoding]
+            logits = self.decoder.step([r.slot for r in requests], tokens)
+        elif cpu_decode.applies(self.model, self.cache):
             tokens = [chunk for _, chunk in prompts] + [[r.last_token] for r in decoding]
             logits = cpu_decode.forward_slots(self.model, self.cache, [r.slot for r in requests], tokens)
         else:
@@ -66,8 +86,8 @@ class ModelRunner:
         self.cache.release(slot)
 
     def cache_usage(self) -> float:
-        """Fraction of the cache's token positions that hold live keys and values."""
-        return self.cache.tokens_held() / (self.cache.num_slots * self.cache.max_length)
+        """Fraction of the requests' token positions that hold live keys and values."""
+        return self.cache.tokens_held() / (self.num_slots * self.cache.max_length)
 
 
 @torch.inference_mode()

@@ -3,8 +3,9 @@
 The scheduler knows nothing about the model; the engine asks it, before each step, which prompt
 tokens go into the step and which requests decode, and tells it when a request is done. A step's
 prompt tokens are bounded (`max_prefill_tokens`), so that arrivals do not stall the requests already
-decoding for long. Where the runner takes prompts in chunks (the native CPU path), a long prompt is
-spread over several steps; otherwise each prompt goes whole, and at least one per step.
+decoding for long. Where the runner takes prompts in chunks (the native CPU path: any length; CUDA: one
+token per request and step), a long prompt is spread over several steps; otherwise each prompt goes
+whole, and at least one per step.
 """
 
 from __future__ import annotations
@@ -57,29 +58,31 @@ class Scheduler:
                     self._free(slot)
             return dropped
 
-    def admit(self, chunked: bool) -> list[tuple[Request, list[int]]]:
+    def admit(self, chunk: int | None) -> list[tuple[Request, list[int]]]:
         """This step's prompt tokens, oldest request first: the rest of prompts already in a slot, then
-        waiting requests moved into free slots, up to `max_prefill_tokens` in all. `chunked`: a prompt may
-        be cut anywhere; otherwise prompts go whole (the first one even past the budget)."""
+        waiting requests moved into free slots, up to `max_prefill_tokens` in all. `chunk`: at most this
+        many tokens of one prompt; None: prompts go whole (the first one even past the budget)."""
         work: list[tuple[Request, list[int]]] = []
         budget = self.max_prefill_tokens
         with self.lock:
             for request in self.running.values():
                 if budget > 0 and request.prompt_done < len(request.prompt_ids):
-                    budget -= self._take(request, budget, chunked, work)
+                    budget -= self._take(request, budget, chunk, work)
             while budget > 0 and self.waiting and self.free_slots:
-                if not chunked and work and len(self.waiting[0].prompt_ids) > budget:
+                if chunk is None and work and len(self.waiting[0].prompt_ids) > budget:
                     break
                 request = self.waiting.popleft()
                 request.slot = self.free_slots.pop()
                 self.running[request.slot] = request
-                budget -= self._take(request, budget, chunked, work)
+                budget -= self._take(request, budget, chunk, work)
         return work
 
     @staticmethod
-    def _take(request: Request, budget: int, chunked: bool, work: list[tuple[Request, list[int]]]) -> int:
+    def _take(request: Request, budget: int, chunk: int | None, work: list[tuple[Request, list[int]]]) -> int:
         start = request.prompt_done
-        end = min(len(request.prompt_ids), start + budget) if chunked else len(request.prompt_ids)
+        end = len(request.prompt_ids)
+        if chunk is not None:
+            end = min(end, start + min(budget, chunk))
         work.append((request, request.prompt_ids[start:end]))
         request.prompt_done = end
         return end - start
