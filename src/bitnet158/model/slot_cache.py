@@ -5,7 +5,8 @@ the requests in the other slots, whatever their lengths. `SlotCache.batch(...)` 
 of some slots that behaves like `KVCache` (positions, attention mask, update, advance), so the model
 runs unchanged. Each row's queries see exactly its own slot's keys: the other rows' keys and the
 unused tail of the slot are masked out, so what a request computes does not depend on its neighbours.
-On the CPU the native decoder reads and writes the slots directly (`kernels.cpu_decode.forward_slots`).
+On the CPU the native decoder reads and writes the slots directly (`kernels.cpu_decode.forward_slots`),
+on CUDA the graph-captured decode step (`generation.gpu_decode.SlotDecoder`).
 """
 
 from __future__ import annotations
