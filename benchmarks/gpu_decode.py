@@ -80,8 +80,8 @@ def time_generation(model: BitNetForCausalLM, prompt: list[int]) -> dict:
 def time_step(model: BitNetForCausalLM, reps: int = 200) -> float:
     """Median time of one graph replay of the decode step (microseconds), events around each replay."""
     decoder = model._gpu_decoder
-    slot = decoder.slot.clone()
-    decoder.slot.fill_(PROMPT + 64)
+    lengths = decoder.lengths.clone()
+    decoder.lengths.fill_(PROMPT + 64)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -89,10 +89,10 @@ def time_step(model: BitNetForCausalLM, reps: int = 200) -> float:
         start.record()
         decoder.graph.replay()
         end.record()
-        decoder.slot.fill_(PROMPT + 64)
+        decoder.lengths.fill_(PROMPT + 64)
         times.append((start, end))
     torch.cuda.synchronize()
-    decoder.slot.copy_(slot)
+    decoder.lengths.copy_(lengths)
     return statistics.median(s.elapsed_time(e) * 1000 for s, e in times)
 
 
