@@ -121,21 +121,25 @@ def sweep_gemv() -> None:
         del weights
 
 
-def sweep_mma() -> None:
-    """Time each tensor-core block configuration per shape and batch (to pick `_mma_config`)."""
+def sweep_mma(batches: list[int]) -> None:
+    """Time tensor-core block configurations per shape and batch (to pick `_mma_config` and `_gemm_config`).
+    Small M: (BLOCK_M, BLOCK_R, BLOCK_K, warps, stages, K splits); large M: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
+    stages) of the int8 GEMM after unpacking."""
+    small = [(bm, br, 256, 4, 1, splits) for bm, br in ((16, 16), (16, 32), (64, 16), (64, 32))
+             for splits in (1, 2, 4, 8, 10)]
     configs = {
-        16: [(16, br, 128, w, s) for br in (16, 32) for w in (4,) for s in (3, 4, 5)] + [(16, 16, 64, 4, 6)],
-        64: [(64, br, bk, w, s) for br in (16, 32) for bk in (64, 128) for w in (4, 8) for s in (3, 4)],
-        2048: [(bm, br, 128, w, s) for bm in (128, 256) for br in (32, 64) for w in (8,) for s in (3, 4)]
-        + [(128, 64, 64, 8, 4), (64, 64, 128, 4, 4)],
+        16: [c for c in small if c[0] == 16],
+        64: [c for c in small if c[0] == 64],
+        2048: [(128, 128, 128, 4, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
+               (128, 128, 256, 4, 2), (128, 128, 256, 8, 2), (256, 128, 128, 8, 3), (128, 64, 128, 4, 4)],
     }
-    for m, candidates in configs.items():
+    for m in batches:
         for name, (n, k) in SHAPES.items():
             weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
             scale = torch.rand(n, device="cuda") + 0.5
             codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             timed = []
-            for config in candidates:
+            for config in configs[m]:
                 try:
                     timed.append((_time_config(codes, x_scale, sums, weights, scale, n, config), config))
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is just skipped
@@ -147,7 +151,7 @@ def sweep_mma() -> None:
 def main(argv: list[str]) -> None:
     if "--sweep" in argv:
         sweep_gemv()
-        sweep_mma()
+        sweep_mma([16, 64, 2048])
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT
     rows = [bench_shape(name, n, k, m) for m in BATCHES for name, (n, k) in SHAPES.items()]

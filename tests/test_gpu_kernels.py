@@ -95,6 +95,46 @@ def test_every_gemv_block_config_is_exact(m: int, k: int, n: int, config: tuple[
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
+# (BLOCK_M, BLOCK_R, BLOCK_K, warps, stages, K splits): one split or several, a last split shorter than
+# the others, splits of a single BLOCK_K; rows past M and R.
+MMA_CONFIGS = [(16, 32, 256, 4, 1, 1), (16, 32, 128, 4, 1, 3), (64, 16, 128, 4, 2, 7), (16, 16, 128, 4, 1, 64)]
+
+
+@pytest.mark.parametrize("config", MMA_CONFIGS)
+@pytest.mark.parametrize(("m", "k", "n"), [(9, 333, 65), (16, 2560, 3840), (33, 6912, 130), (64, 1000, 7)])
+def test_every_split_mma_config_is_exact(m: int, k: int, n: int, config: tuple[int, ...]):
+    from bitnet158.kernels import gpu
+
+    if gpu.padded_k(k) % config[2]:
+        pytest.skip("BLOCK_K must divide the padded K")
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
+    padded[:, :k] = act
+    sums = act.int().sum(1).int().cuda()
+    weight = gpu.repack(packed)
+    for _ in range(2):  # the second call finds the split counters reset by the first
+        got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), sums, weight, scale, n,
+                              int_out=True, config=config)
+        assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
+@pytest.mark.parametrize("config", [(128, 128, 128, 4, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])
+@pytest.mark.parametrize(("m", "k", "n"), [(65, 333, 65), (300, 2560, 3841), (1000, 130, 1)])
+def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[int, ...]):
+    from bitnet158.kernels import gpu
+
+    if gpu.padded_k(k) % config[2]:
+        pytest.skip("BLOCK_K must divide the padded K")
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
+    padded[:, :k] = act
+    got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), act.int().sum(1).int().cuda(),
+                          gpu.repack(packed), scale, n, int_out=True, config=config)
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
 @pytest.mark.parametrize(("block_r", "warps"), [(1, 2), (2, 4), (4, 8), (8, 16)])
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 333, 65), (3, 6912, 132), (2, 2560, 3840), (1, 8192, 8)])
 def test_every_fused_gemv_block_config_matches_the_reference(m: int, k: int, n: int, block_r: int, warps: int):

@@ -9,7 +9,8 @@ so the common shapes need no copy at all. It suits both kernels:
   then four int8 codes of row `r + iR`, lined up with the int32 word of the four matching int8
   activations, and one `dp4a` instruction multiplies and adds all four (the GEMV for M <= 8);
 - read as uint8 tiles, the four 2-bit fields give four int8 tiles for `tl.dot` on the int8 tensor
-  cores (small and large M).
+  cores (M <= 64). For larger M the tensor cores are the limit, not the weight bytes: the weights
+  are unpacked to int8 once per call and a plain int8 GEMM runs on them.
 
 The codes are `t + 1` in {0, 1, 2}; `sum_k (t + 1) * x = sum_k t * x + sum_k x`, so every kernel
 subtracts the activation row sum once instead of subtracting 1 from every weight. All integer
@@ -38,6 +39,7 @@ from bitnet158.quant.weights import SCALE_EPS
 K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
 MAX_K = 2**24  # |sum| <= 128 * K must stay below 2^31
 GEMV_MAX_M = 8  # up to this many rows, the dp4a GEMV reads each weight once per row from L2
+MMA_MAX_M = 64  # up to this many rows, tensor cores on weights unpacked in registers; above, an int8 GEMM
 FUSED_MAX_K = 8192  # the fused norm GEMV keeps a whole row in registers
 LAYOUT = "triton_w2a8"
 
@@ -303,14 +305,21 @@ def _fused_gemv_kernel(
 
 @triton.jit
 def _mma_kernel(
-    a_ptr, a_scale_ptr, a_sum_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    M, R, N, Kp, stride_a, stride_out, w_scale_stride,
+    a_ptr, a_scale_ptr, a_sum_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
+    M, R, N, Kp, K_SPLIT, stride_a, stride_out, w_scale_stride,
     HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """int8 tensor-core tiles: `[BLOCK_M, BLOCK_K]` codes times four unpacked `[BLOCK_K, BLOCK_R]`
-    weight tiles per step, so one program produces `BLOCK_M x 4 BLOCK_R` outputs. BLOCK_K divides Kp."""
+    """Small M on int8 tensor cores: `[BLOCK_M, BLOCK_K]` codes times four unpacked `[BLOCK_K, BLOCK_R]`
+    weight tiles per step, so one program produces `BLOCK_M x 4 BLOCK_R` outputs.
+
+    Program (tile, split) covers K_SPLIT columns of K (a multiple of BLOCK_K). A tile's sums would
+    otherwise need one long serial walk over K, so its splits run side by side: each stores its int32
+    partial sums, and the last to arrive (a counter per tile, reset for the next call) adds them up
+    and writes the output."""
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_r = tl.cdiv(R, BLOCK_R)
     # Programs of one group share their weight tiles through L2 (the usual grouped ordering).
@@ -322,15 +331,16 @@ def _mma_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + offs_k[None, :]
-    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * Kp + offs_k[None, :]
+    k_start = split * K_SPLIT
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_a + k_start + offs_k[None, :]
+    w_ptrs = w_ptr + rows[:, None].to(tl.int64) * Kp + k_start + offs_k[None, :]
     m_ok = offs_m[:, None] < M
     r_ok = rows[:, None] < R
     acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
-    for _ in range(0, Kp, BLOCK_K):
+    for _ in range(k_start, tl.minimum(k_start + K_SPLIT, Kp), BLOCK_K):
         a = tl.load(a_ptrs, mask=m_ok, other=0)
         w = tl.load(w_ptrs, mask=r_ok, other=0)
         acc0 = tl.dot(a, tl.trans((w & 3).to(tl.int8)), acc0, out_dtype=tl.int32)
@@ -339,18 +349,88 @@ def _mma_kernel(
         acc3 = tl.dot(a, tl.trans((w >> 6).to(tl.int8)), acc3, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    a_sum = tl.load(a_sum_ptr + offs_m, mask=offs_m < M, other=0)[:, None]
+    last = True
+    if splits > 1:
+        size: tl.constexpr = BLOCK_M * BLOCK_R
+        tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        own = part_ptr + (split * tl.num_programs(0) + pid).to(tl.int64) * (4 * size)
+        tl.store(own + tile, acc0)
+        tl.store(own + size + tile, acc1)
+        tl.store(own + 2 * size + tile, acc2)
+        tl.store(own + 3 * size + tile, acc3)
+        # The release/acquire of the counter orders every split's stores before the last one's loads.
+        last = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel") == splits - 1
+        if last:
+            tl.store(count_ptr + pid, 0)
+            acc0 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+            acc1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+            acc3 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.int32)
+            for s in range(0, splits):
+                part = part_ptr + (s * tl.num_programs(0) + pid).to(tl.int64) * (4 * size)
+                acc0 += tl.load(part + tile, cache_modifier=".cg")
+                acc1 += tl.load(part + size + tile, cache_modifier=".cg")
+                acc2 += tl.load(part + 2 * size + tile, cache_modifier=".cg")
+                acc3 += tl.load(part + 3 * size + tile, cache_modifier=".cg")
+    if last:
+        a_sum = tl.load(a_sum_ptr + offs_m, mask=offs_m < M, other=0)[:, None]
+        x_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        out_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_out
+        ok = m_ok & (rows < R)[None, :]
+        _store_tile(acc0 - a_sum, rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                    HAS_BIAS, INT_OUT)
+        _store_tile(acc1 - a_sum, R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                    HAS_BIAS, INT_OUT)
+        _store_tile(acc2 - a_sum, 2 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                    HAS_BIAS, INT_OUT)
+        _store_tile(acc3 - a_sum, 3 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
+                    HAS_BIAS, INT_OUT)
+
+
+@triton.jit
+def _unpack_kernel(w_ptr, out_ptr, R, Kp, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Our layout `[R, Kp]` to int8 weights `[4R, Kp]` in {-1, 0, 1} (row r + iR from bit field i)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rows[:, None] < R) & (cols[None, :] < Kp)
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * Kp + cols[None, :], mask=ok, other=0)
+    for i in tl.static_range(4):
+        dst = out_ptr + (i * R + rows[:, None]).to(tl.int64) * Kp + cols[None, :]
+        tl.store(dst, ((w >> (2 * i)) & 3).to(tl.int8) - 1, mask=ok)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, bias_ptr, out_ptr,
+    M, NB, N, Kp, stride_a, stride_out, w_scale_stride,
+    HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Large M: a plain int8 GEMM of the codes `[M, Kp]` and the unpacked weights `[NB, Kp]` (NB = 4R),
+    whose tiles go straight from memory to the tensor cores; the scales in the epilogue."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(NB, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past the end read the last row again (no masks in the loop); their results are not stored.
+    a_ptrs = a_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_a + offs_k[None, :]
+    b_ptrs = b_ptr + tl.minimum(offs_n, NB - 1)[:, None].to(tl.int64) * Kp + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for _ in range(0, Kp, BLOCK_K):
+        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     x_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     out_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_out
-    ok = m_ok & (rows < R)[None, :]
-    _store_tile(acc0 - a_sum, rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
-                HAS_BIAS, INT_OUT)
-    _store_tile(acc1 - a_sum, R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
-                HAS_BIAS, INT_OUT)
-    _store_tile(acc2 - a_sum, 2 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
-                HAS_BIAS, INT_OUT)
-    _store_tile(acc3 - a_sum, 3 * R + rows, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows,
-                HAS_BIAS, INT_OUT)
+    ok = offs_m[:, None] < M
+    _store_tile(acc, offs_n, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows, HAS_BIAS, INT_OUT)
 
 
 @triton.jit
@@ -436,13 +516,41 @@ def _fused_config(r: int, kw: int) -> tuple[int, int, int]:
     return 4, triton.next_power_of_2(kw), 4
 
 
-def _mma_config(m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages)."""
-    if m <= 16:
-        return 16, 32, 128, 4, 4
-    if m <= 64:
-        return 64, 16, 128, 4, 3
-    return 128, 32, 128, 8, 4
+def _mma_config(m: int, r: int, kp: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages, K splits) of the small-M tensor-core kernel:
+    enough splits that about `4 (M <= 16) or 2` programs per multiprocessor read weights."""
+    block_m, block_r, per_sm = (16, 32, 4) if m <= 16 else (64, 16, 2)
+    block_k = 256 if kp % 256 == 0 else 128  # BLOCK_K must divide Kp
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(r, block_r)
+    splits = max(1, min(kp // block_k, round(per_sm * _sm_count(device) / tiles)))
+    return block_m, block_r, block_k, 4, 1, splits
+
+
+def _gemm_config(m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the large-M int8 GEMM."""
+    return 128, 128, 128, 4, 3
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Scratch for the split tensor-core kernel, one per (device, stream). Its counters are zero between
+# calls: the last program of each tile resets its own.
+_split_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(device: torch.device, partial_sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    held = _split_scratch.get(key)
+    if held is None or held[0].numel() < partial_sums or held[1].numel() < tiles:
+        if held is not None:  # grow, never shrink
+            partial_sums, tiles = max(partial_sums, held[0].numel()), max(tiles, held[1].numel())
+        held = (torch.empty(partial_sums, dtype=torch.int32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+        _split_scratch[key] = held
+    return held
 
 
 def w2a8_matmul(
@@ -458,8 +566,9 @@ def w2a8_matmul(
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
-    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 8, tensor cores above.
-    `config` overrides the block sizes (for tuning): see `_gemv_config` and `_mma_config`."""
+    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 8, tensor cores on
+    weights unpacked in registers for M <= 64, and unpacking plus an int8 GEMM above.
+    `config` overrides the block sizes (for tuning): see `_gemv_config`, `_mma_config` and `_gemm_config`."""
     m, kp = codes.shape
     r = weight.shape[0]
     if weight.shape[1] != kp or kp % K_ALIGN or not ROWS_OK(r, out_features):
@@ -477,15 +586,37 @@ def w2a8_matmul(
             HAS_BIAS=bias is not None, INT_OUT=int_out, BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
         )
         return out
-    block_m, block_r, block_k, warps, stages = config or _mma_config(m)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(r, block_r),)
-    _mma_kernel[grid](
-        codes, x_scale, code_sums, weight, weight_scale, bias_arg, out,
-        m, r, out_features, kp, codes.stride(0), out.stride(0), w_scale_stride,
-        HAS_BIAS=bias is not None, INT_OUT=int_out,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+    if m <= MMA_MAX_M:
+        block_m, block_r, block_k, warps, stages, splits = config or _mma_config(m, r, kp, codes.device)
+        _check_block_k(block_k, kp)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(r, block_r)
+        k_split = triton.cdiv(kp // block_k, splits) * block_k
+        splits = triton.cdiv(kp, k_split)
+        partial, counters = _scratch(codes.device, splits * tiles * 4 * block_m * block_r if splits > 1 else 1, tiles)
+        _mma_kernel[(tiles, splits)](
+            codes, x_scale, code_sums, weight, weight_scale, bias_arg, out, partial, counters,
+            m, r, out_features, kp, k_split, codes.stride(0), out.stride(0), w_scale_stride,
+            HAS_BIAS=bias is not None, INT_OUT=int_out,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        )
+        return out
+    # Large M is bound by the tensor cores, not by the weight bytes: unpacking to int8 once per call
+    # (4x the bytes, read back from L2 and memory) lets the GEMM feed the tensor cores straight from memory.
+    block_m, block_n, block_k, warps, stages = config or _gemm_config(m)
+    _check_block_k(block_k, kp)
+    unpacked = torch.empty(4 * r, kp, dtype=torch.int8, device=codes.device)
+    _unpack_kernel[(triton.cdiv(r, 16), triton.cdiv(kp, 256))](weight, unpacked, r, kp, BLOCK_R=16, BLOCK_K=256)
+    _int8_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(4 * r, block_n),)](
+        codes, x_scale, unpacked, weight_scale, bias_arg, out, m, 4 * r, out_features, kp,
+        codes.stride(0), out.stride(0), w_scale_stride, HAS_BIAS=bias is not None, INT_OUT=int_out,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _check_block_k(block_k: int, kp: int) -> None:
+    if kp % block_k:  # the tensor-core loops read whole BLOCK_K steps
+        raise ValueError(f"BLOCK_K {block_k} does not divide the padded K {kp}")
 
 
 def ROWS_OK(r: int, n: int) -> bool:  # noqa: N802 - reads as a predicate on the shape
