@@ -71,7 +71,6 @@ def _decode_attention_kernel(
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
-    _wait_for_previous_kernel()
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     ROWS: tl.constexpr = 16 if GROUP < 16 else GROUP
@@ -82,6 +81,8 @@ def _decode_attention_kernel(
     angle = (length - pad).to(tl.float32) * tl.load(inv_freq_ptr + d)
     cos = _round_to(tl.cos(angle), dtype)
     sin = _round_to(tl.sin(angle), dtype)
+    # Lengths, padding and slots are not written by the kernel before this one: read them while it ends.
+    _wait_for_previous_kernel()
     rows = tl.arange(0, ROWS)
     is_head = rows < GROUP
     heads = g * GROUP + rows
