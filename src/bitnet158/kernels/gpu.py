@@ -537,8 +537,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 # Scratch for the split tensor-core kernel, one per (device, stream). Its counters are zero between
-# calls: the last program of each tile resets its own.
+# calls: the last program of each tile resets its own. Outgrown scratch is kept, never freed: a CUDA
+# graph captured with it replays with it, and freed memory could be reused by the graph for other data.
 _split_scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_outgrown_scratch: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _scratch(device: torch.device, partial_sums: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +549,7 @@ def _scratch(device: torch.device, partial_sums: int, tiles: int) -> tuple[torch
     if held is None or held[0].numel() < partial_sums or held[1].numel() < tiles:
         if held is not None:  # grow, never shrink
             partial_sums, tiles = max(partial_sums, held[0].numel()), max(tiles, held[1].numel())
+            _outgrown_scratch.append(held)
         held = (torch.empty(partial_sums, dtype=torch.int32, device=device),
                 torch.zeros(tiles, dtype=torch.int32, device=device))
         _split_scratch[key] = held
