@@ -31,17 +31,23 @@ def _random_layer(n: int, k: int, per_row_scale: bool):
     return codes, pack_2bit(codes).cuda(), scale.cuda()
 
 
+def _random_codes(m: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 activation codes `[m, k]` (CPU), the same zero-padded to our K on the GPU, and their row sums."""
+    from bitnet158.kernels import gpu
+
+    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
+    padded[:, :k] = act
+    return act, padded.cuda(), act.int().sum(1).int().cuda()
+
+
 @pytest.mark.parametrize(("m", "k", "n"), SHAPES)
 def test_w2a8_matmul_is_exact(m: int, k: int, n: int):
     from bitnet158.kernels import gpu
 
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
-    weight = gpu.repack(packed)
-    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    padded = torch.zeros(m, weight.shape[1], dtype=torch.int8)
-    padded[:, :k] = act
-    sums = act.int().sum(1).cuda()
-    got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), sums, weight, scale, n, int_out=True)
+    act, padded, sums = _random_codes(m, k)
+    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True)
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
@@ -86,11 +92,8 @@ def test_every_gemv_block_config_is_exact(m: int, k: int, n: int, config: tuple[
     from bitnet158.kernels import gpu
 
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
-    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
-    padded[:, :k] = act
-    sums = act.int().sum(1).cuda()
-    got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n,
+    act, padded, sums = _random_codes(m, k)
+    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n,
                           int_out=True, config=config)
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
@@ -108,13 +111,10 @@ def test_every_split_mma_config_is_exact(m: int, k: int, n: int, config: tuple[i
     if gpu.padded_k(k) % config[2]:
         pytest.skip("BLOCK_K must divide the padded K")
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
-    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
-    padded[:, :k] = act
-    sums = act.int().sum(1).int().cuda()
+    act, padded, sums = _random_codes(m, k)
     weight = gpu.repack(packed)
     for _ in range(2):  # the second call finds the split counters reset by the first
-        got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), sums, weight, scale, n,
+        got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, weight, scale, n,
                               int_out=True, config=config)
         assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
@@ -127,11 +127,9 @@ def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[i
     if gpu.padded_k(k) % config[2]:
         pytest.skip("BLOCK_K must divide the padded K")
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
-    act = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    padded = torch.zeros(m, gpu.padded_k(k), dtype=torch.int8)
-    padded[:, :k] = act
-    got = gpu.w2a8_matmul(padded.cuda(), torch.ones(m, device="cuda"), act.int().sum(1).int().cuda(),
-                          gpu.repack(packed), scale, n, int_out=True, config=config)
+    act, padded, sums = _random_codes(m, k)
+    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n,
+                          int_out=True, config=config)
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 

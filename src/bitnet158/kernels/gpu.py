@@ -304,6 +304,16 @@ def _fused_gemv_kernel(
 
 
 @triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of program `pid`, in the usual grouped order: the programs of a group of
+    GROUP_M tile rows run together and share their weight tiles through L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
 def _mma_kernel(
     a_ptr, a_scale_ptr, a_sum_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, part_ptr, count_ptr,
     M, R, N, Kp, K_SPLIT, stride_a, stride_out, w_scale_stride,
@@ -320,14 +330,7 @@ def _mma_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_r = tl.cdiv(R, BLOCK_R)
-    # Programs of one group share their weight tiles through L2 (the usual grouped ordering).
-    per_group = GROUP_M * num_r
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_r = (pid % per_group) // group_m
+    pid_m, pid_r = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(R, BLOCK_R), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
@@ -408,14 +411,7 @@ def _int8_gemm_kernel(
 ):
     """Large M: a plain int8 GEMM of the codes `[M, Kp]` and the unpacked weights `[NB, Kp]` (NB = 4R),
     whose tiles go straight from memory to the tensor cores; the scales in the epilogue."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(NB, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(NB, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
