@@ -8,6 +8,10 @@ the table shows medians of REPS calls. Calls rotate over enough weight sets (>= 
 no weight is in the 50 MB L2 when it is read. Microsoft's M=1 times are from
 ../shared/reference/anchors.md (same card, same method).
 
+The floor of each shape is the time, by the same method, of a kernel that only reads its packed
+weights (and stores one sum per program): no kernel that reads those bytes can be faster. An empty
+kernel's time is reported too: the part of every call that does not depend on the bytes at all.
+
     python benchmarks/gpu_kernels.py [--sweep] [OUTPUT_JSON]    (default benchmarks/results/gpu_kernels.json)
 """
 
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from bitnet158.kernels import gpu
 
@@ -50,6 +55,25 @@ def median_us(calls: list, reps: int = REPS) -> float:
     return statistics.median(s.elapsed_time(e) * 1000 for s, e in zip(starts, ends, strict=True))
 
 
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+@triton.jit
+def _read_kernel(w_ptr, out_ptr, n_words, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + tl.program_id(0), tl.sum(tl.load(w_ptr + offs, mask=offs < n_words, other=0), axis=0))
+
+
+def read_floor_us(nbytes: int) -> float:
+    """Median time of a kernel that reads `nbytes` of weights (int32 words, 1024 per program) and nothing else."""
+    words = nbytes // 4
+    sets = [torch.randint(0, 2**30, (words,), dtype=torch.int32, device="cuda") for _ in range(sets_for(nbytes))]
+    sums = torch.empty(triton.cdiv(words, 1024), dtype=torch.int32, device="cuda")
+    return median_us([lambda w=w: _read_kernel[(sums.numel(),)](w, sums, words, BLOCK=1024) for w in sets])
+
+
 def sets_for(nbytes: int) -> int:
     return max(4, -(-ROTATE_BYTES // nbytes))
 
@@ -60,7 +84,7 @@ def random_packed(n: int, k: int) -> torch.Tensor:
     return fields[0] | fields[1] << 2 | fields[2] << 4 | fields[3] << 6
 
 
-def bench_shape(name: str, n: int, k: int, m: int, config=None) -> dict:
+def bench_shape(name: str, n: int, k: int, m: int, floor_us: float, config=None) -> dict:
     weight_bytes = n * k // 4
     weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(weight_bytes))]
     scale = torch.rand(n, device="cuda") + 0.5
@@ -75,7 +99,7 @@ def bench_shape(name: str, n: int, k: int, m: int, config=None) -> dict:
     del weights, dense
     return {
         "shape": name, "N": n, "K": k, "M": m, "w2a8_us": ours, "w2a8_with_quant_us": with_quant,
-        "cublas_bf16_us": cublas, "speedup_vs_cublas": cublas / ours,
+        "cublas_bf16_us": cublas, "speedup_vs_cublas": cublas / ours, "read_floor_us": floor_us,
         "weight_GBps": weight_bytes / ours / 1e3, "share_of_3TBps": weight_bytes / ours / 1e6 / PEAK_TBS,
         "tops": 2 * m * n * k / ours / 1e6, "microsoft_us": MICROSOFT_M1_US[name] if m == 1 else None,
     }
@@ -154,27 +178,34 @@ def main(argv: list[str]) -> None:
         sweep_mma([16, 64, 2048])
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT
-    rows = [bench_shape(name, n, k, m) for m in BATCHES for name, (n, k) in SHAPES.items()]
+    flag = torch.zeros(1, device="cuda")
+    empty_us = median_us([lambda: _empty_kernel[(1,)](flag)])
+    floors = {name: read_floor_us(n * k // 4) for name, (n, k) in SHAPES.items()}
+    rows = [bench_shape(name, n, k, m, floors[name]) for m in BATCHES for name, (n, k) in SHAPES.items()]
     header = (f"{'shape':8} {'M':>5} {'W2A8 us':>8} {'+quant':>7} {'cuBLAS':>8} {'x cuBLAS':>8} "
-              f"{'GB/s':>6} {'of 3TB/s':>8} {'MSFT us':>7}")
+              f"{'GB/s':>6} {'of 3TB/s':>8} {'floor':>6} {'MSFT us':>7}")
     lines = [header]
     for r in rows:
         msft = f"{r['microsoft_us']:7.1f}" if r["microsoft_us"] else f"{'':7}"
         lines.append(f"{r['shape']:8} {r['M']:5} {r['w2a8_us']:8.2f} {r['w2a8_with_quant_us']:7.2f} "
                      f"{r['cublas_bf16_us']:8.2f} {r['speedup_vs_cublas']:8.2f} {r['weight_GBps']:6.0f} "
-                     f"{r['share_of_3TBps']:8.0%} {msft}")
+                     f"{r['share_of_3TBps']:8.0%} {r['read_floor_us']:6.2f} {msft}")
     sums = {}
     for m in BATCHES:
         part = [r for r in rows if r["M"] == m]
-        sums[m] = {"w2a8_us": sum(r["w2a8_us"] for r in part), "cublas_bf16_us": sum(r["cublas_bf16_us"] for r in part)}
+        sums[m] = {"w2a8_us": sum(r["w2a8_us"] for r in part), "cublas_bf16_us": sum(r["cublas_bf16_us"] for r in part),
+                   "read_floor_us": sum(floors.values())}
         lines.append(f"{'sum':8} {m:5} {sums[m]['w2a8_us']:8.2f} {'':7} {sums[m]['cublas_bf16_us']:8.2f} "
-                     f"{sums[m]['cublas_bf16_us'] / sums[m]['w2a8_us']:8.2f}")
+                     f"{sums[m]['cublas_bf16_us'] / sums[m]['w2a8_us']:8.2f} {'':6} {'':8} "
+                     f"{sums[m]['read_floor_us']:6.2f}")
+    lines.append(f"empty kernel: {empty_us:.2f} us per call")
     print("\n".join(lines))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "reps": REPS, "method": "CUDA events per call after a sleep kernel, median; weights rotated over >= 200 MB",
-        "rows": rows, "sums_per_layer": sums, "microsoft_m1_sum_us": sum(MICROSOFT_M1_US.values()),
+        "empty_kernel_us": empty_us, "rows": rows, "sums_per_layer": sums,
+        "microsoft_m1_sum_us": sum(MICROSOFT_M1_US.values()),
     }, indent=2) + "\n")
 
 
