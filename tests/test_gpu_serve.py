@@ -1,15 +1,18 @@
 """The server's CUDA path: graph-captured steps over the slot cache (`SlotDecoder`), one token per request and
-step, prompts included. Skipped without CUDA."""
+step, prompts included, each step launched before the host handles the previous one's tokens. Skipped without
+CUDA."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_serve_scheduler import _serve
+from test_serve_scheduler import _request, _serve, check_overlapped_engine
 
 from bitnet158 import BitNetForCausalLM
 from bitnet158.cli.model_loading import embedded_model_path
+from bitnet158.generation.sampling import SamplingParams, make_generator, sample
 from bitnet158.serve.runner import ModelRunner
+from bitnet158.serve.scheduler import Scheduler
 from bitnet158.tokenizer import Tokenizer
 
 pytestmark = [
@@ -67,3 +70,52 @@ def test_a_request_gets_its_lone_tokens_among_32_and_in_reused_slots():
     for (tokens, logits), (lone_tokens, lone_logits) in zip(together, alone, strict=True):
         assert tokens == lone_tokens
         assert torch.equal(logits, lone_logits)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("slots", [4, 32])
+def test_overlapped_engine_gives_the_lone_tokens(slots: int):
+    """The engine as it runs on CUDA, each step launched before the host has the previous step's tokens, gives
+    the tokens of the synchronous engine running each request alone: with one request ending on EOS, one on a
+    stop string, one cancelled (their wasted rows discarded, their slots reused with 4 slots), one seeded."""
+    model = BitNetForCausalLM.from_pretrained(embedded_model_path(), device="cuda", dtype=torch.bfloat16)
+    tokenizer = Tokenizer.from_pretrained(embedded_model_path())
+    assert ModelRunner(model, 1).overlaps
+    check_overlapped_engine(model, tokenizer, TEXTS, slots)
+
+
+@torch.inference_mode()
+def test_a_step_and_its_sampling_do_not_wait_for_the_gpu():
+    """Launching a step and sampling its tokens (greedy, seeded top-p, logprobs) never synchronises with the GPU,
+    which is what lets the host work while the GPU computes; the tokens come back through pinned memory."""
+    model, prompts = _model(torch.bfloat16)
+    runner = ModelRunner(model, 4)
+    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=128)
+    requests = [_request(prompts[0][:2], 8), _request(prompts[1][:1], 8), _request(prompts[2][:3], 8)]
+    requests[1].params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    requests[2].top_logprobs = 2
+    for request in requests:
+        scheduler.submit(request)
+    steps = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            decoding = scheduler.decoding()
+            steps.append(runner.sample(*runner.step(scheduler.admit(runner.prompt_chunk), decoding)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [len(step.requests) for step in steps] == [1, 2, 3, 3, 3]  # prompts of 1, 2 and 3 tokens
+    assert all(step.tokens.is_pinned() for step in steps)
+    results = steps[-1].results()
+    assert results[0][1] is None and results[1][1] is None
+    top = results[2][1]
+    assert top.token_id == results[2][0] and len(top.top) == 2 and top.top[0][1] == top.logprob  # greedy
+
+
+def test_sampling_draws_what_multinomial_draws_on_the_gpu():
+    logits = torch.randn(3, 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
+    for seed in range(20):
+        ours, theirs = make_generator(seed, logits.device), make_generator(seed, logits.device)
+        assert torch.equal(sample(logits, ours), torch.multinomial(logits.softmax(-1), 1, generator=theirs)[:, 0])
+        assert torch.equal(torch.rand(4, device="cuda", generator=ours),
+                           torch.rand(4, device="cuda", generator=theirs))

@@ -15,7 +15,8 @@ replays at every length) in its own cache slot. Two users:
   forward into a `KVCache`, then decoded together; the step advances the lengths on the device, and
   sampling runs on the GPU, so the host only copies each step's tokens back to emit text.
 - `SlotDecoder` (the server): requests in the slots of a `SlotCache`, each at its own length; one
-  graph per batch-size bucket.
+  graph per batch-size bucket. A decoding row reads its token from the previous step's sampled tokens on
+  the GPU, so the server launches a step before the host has seen the previous one's tokens.
 
 Models with dense `nn.Linear` layers (for comparisons) run the same step with cuBLAS GEMVs.
 """
@@ -113,8 +114,10 @@ class SlotDecoder:
         self.cache = cache
         self.scratch = cache.num_slots - 1
         device = model.device
-        # Per row: token, cache position, slot; filled by one copy per step.
-        self.inputs = torch.zeros(3, max_rows, dtype=torch.long, device=device)
+        # Per row: token, row of `sampled` to take the token from instead (-1: none), cache position, slot;
+        # filled by one copy per step.
+        self.inputs = torch.zeros(4, max_rows, dtype=torch.long, device=device)
+        self.sampled = torch.zeros(max_rows, dtype=torch.long, device=device)  # the previous step's tokens
         self.padding = torch.zeros(max_rows, dtype=torch.long, device=device)  # requests are not left-padded
         self.hidden = torch.zeros(max_rows, config.hidden_size, dtype=model.dtype, device=device)
         self.inv_freq = _inv_freq(config, device)
@@ -123,24 +126,30 @@ class SlotDecoder:
         )
         self.buckets = sorted({min(2**i, max_rows) for i in range(max_rows.bit_length() + 1)})
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.inputs[2] = self.scratch  # the warm-up and capture runs write there
+        self.inputs[3] = self.scratch  # the warm-up and capture runs write there
         pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs never run at the same time
         with torch.inference_mode():
             for rows in reversed(self.buckets):  # the largest first, so that the others reuse its memory
                 self.graphs[rows] = _capture(lambda rows=rows: self._step(rows), None, pool)
 
     @torch.inference_mode()
-    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Append `tokens[i]` to slot `slots[i]` (distinct slots); the next-token logits `[len(slots), vocab]`
-        (a buffer reused by later steps)."""
+    def step(self, slots: list[int], tokens: list[int], previous: list[int], sampled: torch.Tensor) -> torch.Tensor:
+        """Append a token to slot `slots[i]` (distinct slots): `tokens[i]`, or where `previous[i] >= 0` the
+        token `sampled[previous[i]]` (the previous step's tokens, on the GPU), which the GPU reads when it gets
+        there, so the host need not wait for it. The next-token logits `[len(slots), vocab]` (a buffer reused by
+        later steps). Nothing here waits for the GPU."""
         rows = len(slots)
         bucket = next(b for b in self.buckets if b >= rows)
         lengths = [self.cache.lengths[slot] for slot in slots]
         if max(lengths) >= self.cache.max_length:
             raise ValueError(f"{max(lengths) + 1} tokens do not fit a slot of {self.cache.max_length}")
         pad = bucket - rows
-        self.inputs[:, :bucket].copy_(torch.tensor([tokens + [0] * pad, lengths + [0] * pad,
-                                                    slots + [self.scratch] * pad]))
+        # From pinned memory, so that the copy does not wait for the GPU's earlier work; the allocator keeps the
+        # block until the copy is done.
+        inputs = torch.tensor([tokens + [0] * pad, previous + [-1] * pad, lengths + [0] * pad,
+                               slots + [self.scratch] * pad], pin_memory=True)
+        self.inputs[:, :bucket].copy_(inputs, non_blocking=True)
+        self.sampled[: len(sampled)].copy_(sampled)
         graph, logits = self.graphs[bucket]
         graph.replay()
         for slot in slots:
@@ -148,7 +157,8 @@ class SlotDecoder:
         return logits[:rows]
 
     def _step(self, rows: int) -> torch.Tensor:
-        tokens, lengths, slots = self.inputs[:, :rows]
+        tokens, previous, lengths, slots = self.inputs[:, :rows]
+        tokens = torch.where(previous >= 0, self.sampled.index_select(0, previous.clamp(min=0)), tokens)
         self.hidden[:rows] = _decode_layers(self.model, tokens, self.cache.keys, self.cache.values, self.inv_freq,
                                             lengths, self.padding[:rows], slots, self.attention_workspace,
                                             fused=False)

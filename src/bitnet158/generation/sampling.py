@@ -100,8 +100,14 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token id per row `[batch]`, drawn from softmax(logits)."""
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    """One token id per row `[batch]`, drawn from softmax(logits).
+
+    This is how `torch.multinomial(probs, 1)` draws (argmax of probs / Exp(1) noise, the same numbers from the
+    generator, so seeded results are the same) without its checks of the probabilities, which wait for the
+    GPU: the server samples a step's tokens while the GPU still computes them."""
+    probs = logits.softmax(-1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 def next_token(

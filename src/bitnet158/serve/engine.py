@@ -1,6 +1,14 @@
 """The engine thread: each step it drops cancelled requests, feeds the model the step's prompt tokens
 (of newly admitted requests, or the rest of long prompts) together with one token of every decoding
-request, samples a token for each request that has logits, and retires those that have finished."""
+request, samples a token for each request that has logits, and retires those that have finished.
+
+On CUDA the steps overlap the host's work ("async scheduling"): the engine launches step N+1, whose
+decoding rows read their tokens from step N's on the GPU, and only then waits for step N's tokens, sends
+their text and retires finished requests, while the GPU computes step N+1. A request that ends at step N on
+EOS or a stop string has already got a row in step N+1: that row is wasted, its token discarded (its cache
+write lands in its own slot, released afterwards, and a later user of the slot writes after it in the GPU's
+order). One that ends by length gets no extra row: the scheduler knows how many tokens it has drawn.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,9 @@ import logging
 import threading
 import time
 
-import torch
-
 from bitnet158.serve.metrics import Metrics
 from bitnet158.serve.request import Delta, Event, Failed, Finished, Request, send_all
-from bitnet158.serve.runner import ModelRunner, sample
+from bitnet158.serve.runner import ModelRunner, Sampled
 from bitnet158.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,7 @@ class Engine:
         self.scheduler = scheduler
         self.eos_ids = eos_ids
         self.metrics = metrics
+        self.in_flight: Sampled | None = None  # with `runner.overlaps`: the step the GPU runs, handled next step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bitnet158-engine", daemon=True)
 
@@ -54,28 +61,36 @@ class Engine:
                 self.step()
             except Exception:  # a bug must not leave clients waiting forever: fail everything running
                 log.exception("engine step failed")
+                self.in_flight = None
                 for request in self.scheduler.all_running():
                     request.send(Failed("internal error in the engine"))
                     self._retire(request)
 
     def step(self) -> None:
         for request in self.scheduler.drop_cancelled():
+            request.done = True
             if request.slot is not None:
                 self.runner.release(request.slot)
         decoding = self.scheduler.decoding()
         prompts = self.scheduler.admit(self.runner.prompt_chunk)
         if prompts:
             self.metrics.prompt_tokens.inc(sum(len(chunk) for _, chunk in prompts))
-        if prompts or decoding:
-            self._advance(*self.runner.step(prompts, decoding))
+        launched = self.runner.sample(*self.runner.step(prompts, decoding)) if prompts or decoding else None
+        if self.runner.overlaps:  # handle the previous step's tokens while the GPU runs this one
+            launched, self.in_flight = self.in_flight, launched
+        if launched is not None:
+            self._advance(launched)
         self._report_load()
 
-    def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """Sample each row's token, send its text, and retire the request if it is done."""
+    def _advance(self, step: Sampled) -> None:
+        """Take each request's token, send its text, and retire the request if it is done."""
         events: list[tuple[Request, Event]] = []
-        for request, (token, logprob) in zip(requests, sample(logits, requests), strict=True):
+        handled = 0
+        for request, (token, logprob) in zip(step.requests, step.results(), strict=True):
+            if request.done:  # ended (or was cancelled) at the step before: this row was wasted
+                continue
+            handled += 1
             request.generated += 1
-            request.last_token = token
             if request.generated == 1:
                 self.metrics.time_to_first_token.observe(time.monotonic() - request.arrived)
             if token in self.eos_ids:
@@ -88,7 +103,7 @@ class Engine:
             elif request.generated >= request.params.max_new_tokens:  # the API keeps prompt + max_tokens in context
                 events.append((request, Delta(request.detokenizer.finish(), None)))
                 self._finish(request, "length", events)
-        self.metrics.generated_tokens.inc(len(requests))
+        self.metrics.generated_tokens.inc(handled)
         send_all(events)
 
     def _finish(self, request: Request, reason: str, events: list[tuple[Request, Event]]) -> None:
@@ -97,6 +112,7 @@ class Engine:
         self._retire(request)
 
     def _retire(self, request: Request) -> None:
+        request.done = True
         self.scheduler.retire(request)
         self.runner.release(request.slot)
 

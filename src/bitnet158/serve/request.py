@@ -63,9 +63,10 @@ class Request:
     generator: torch.Generator | None = None
     slot: int | None = None
     prompt_done: int = 0  # prompt tokens handed to the model: in the slot's cache, or in the current step
-    last_token: int | None = None
-    generated: int = 0
+    sampled: int = 0  # tokens drawn, on the device: one step ahead of `generated` while the host lags behind
+    generated: int = 0  # tokens the engine has handled (sent)
     cancelled: bool = False
+    done: bool = False  # finished or dropped: the engine discards its tokens still on their way
     arrived: float = field(default_factory=time.monotonic)
 
     def send(self, event: Event) -> None:

@@ -8,6 +8,11 @@ Three ways to run a step, by device:
 - elsewhere the model's forward: whole prompts in one right-padded batch, then the decoding rows.
 On CUDA and the native CPU path a row's numbers depend only on its own slot, so a request gets exactly the
 tokens it gets alone, whatever runs beside it.
+
+`sample` draws the tokens on the model's device and leaves them there, where the next step's decoding rows
+read them, while a copy goes to the host behind the device's work. On CUDA nothing in `step` and `sample`
+waits for the GPU, so the engine launches the next step before it handles this one's tokens (`overlaps`):
+the host's work on them runs while the GPU computes.
 """
 
 from __future__ import annotations
@@ -39,31 +44,63 @@ class ModelRunner:
         # The most tokens of one prompt a step takes (None: the whole prompt, which the PyTorch path
         # prefills in one piece, since cutting it would change its rounding).
         self.prompt_chunk = 1 if graph else self.context if native else None
+        # Whether the engine handles a step's tokens while the next step runs. Elsewhere than on CUDA the step
+        # has run by the time `step` returns, so handling its tokens at once gives them to the clients sooner.
+        self.overlaps = graph
+        # The last step's sampled tokens (on the device) and each of its requests' row among them: what its
+        # decoding requests feed next.
+        self.sampled = torch.zeros(0, dtype=torch.long, device=model.device)
+        self.rows: dict[Request, int] = {}
 
     @torch.inference_mode()
     def step(
         self, prompts: list[tuple[Request, list[int]]], decoding: list[Request]
     ) -> tuple[list[Request], torch.Tensor]:
-        """Write each prompt chunk into its request's slot and feed each decoding request its last token; the
-        requests that now have next-token logits (decoding ones, and those whose prompt is complete) and
-        those logits, `[len(ready), vocab]`."""
+        """Write each prompt chunk into its request's slot and feed each decoding request the token the last
+        step sampled for it; the requests that now have next-token logits (decoding ones, and those whose prompt
+        is complete) and those logits, `[len(ready), vocab]`. On CUDA the step is launched, not waited for."""
         for request, chunk in prompts:
             if request.prompt_done == len(chunk):  # the prompt's first chunk: the slot starts empty
                 self.cache.release(request.slot)
+        # Chunks in the middle of a prompt first, so that the rows with logits are the last ones: a slice, which
+        # on the GPU needs no index from the host.
+        prompts = sorted(prompts, key=lambda item: item[0].prompt_done == len(item[0].prompt_ids))
         requests = [request for request, _ in prompts] + decoding
+        previous = [self.rows[request] for request in decoding]
         if self.decoder is not None:
-            tokens = [chunk[0] for _, chunk in prompts] + [r.last_token for r in decoding]
-            logits = self.decoder.step([r.slot for r in requests], tokens)
-        elif cpu_decode.applies(self.model, self.cache):
-            tokens = [chunk for _, chunk in prompts] + [[r.last_token] for r in decoding]
-            logits = cpu_decode.forward_slots(self.model, self.cache, [r.slot for r in requests], tokens)
+            tokens = [chunk[0] for _, chunk in prompts] + [0] * len(decoding)
+            logits = self.decoder.step([r.slot for r in requests], tokens, [-1] * len(prompts) + previous,
+                                       self.sampled)
         else:
-            parts = ([self._prefill(prompts)] if prompts else []) + ([self._decode(decoding)] if decoding else [])
-            logits = torch.cat(parts)
-        ready = [i for i, request in enumerate(requests) if request.prompt_done == len(request.prompt_ids)]
-        if len(ready) < len(requests):  # chunks in the middle of a prompt
-            logits = logits[ready]
-        return [requests[i] for i in ready], logits
+            sampled = self.sampled.tolist()
+            last = [sampled[row] for row in previous]
+            if cpu_decode.applies(self.model, self.cache):
+                tokens = [chunk for _, chunk in prompts] + [[token] for token in last]
+                logits = cpu_decode.forward_slots(self.model, self.cache, [r.slot for r in requests], tokens)
+            else:
+                parts = [self._prefill(prompts)] if prompts else []
+                logits = torch.cat(parts + ([self._decode(decoding, last)] if decoding else []))
+        waiting = sum(request.prompt_done < len(request.prompt_ids) for request in requests)
+        return requests[waiting:], logits[waiting:]
+
+    @torch.inference_mode()
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
+        """Draw each request's next token from its row of `logits`, with its own parameters and generator, on the
+        logits' device and without waiting for it; the next step's decoding rows read the tokens there. Starts
+        the copy of the tokens (and logprobs, where asked) to the host."""
+        # Greedy rows (argmax, what `next_token` does at temperature 0) in one op over all rows: they need no
+        # generator. The other rows' draws replace theirs.
+        tokens = _argmax(logits)
+        for i, request in enumerate(requests):
+            if request.params.temperature != 0 or request.params.repetition_penalty != 1:
+                if request.generator is None:
+                    request.generator = make_generator(request.params.seed, logits.device)
+                tokens[i : i + 1] = next_token(logits[i : i + 1], request.params, request.generator)
+            request.sampled += 1
+        logprobs = [None if request.top_logprobs is None else
+                    _logprobs(logits[i], tokens[i : i + 1], request.top_logprobs) for i, request in enumerate(requests)]
+        self.sampled, self.rows = tokens, {request: i for i, request in enumerate(requests)}
+        return Sampled(requests, tokens, logprobs)
 
     def _prefill(self, prompts: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """The PyTorch path: append the chunks to their slots, right-padded in one batch; the logits after each."""
@@ -76,9 +113,9 @@ class ModelRunner:
         last = torch.tensor(lengths, device=logits.device) - 1
         return logits[torch.arange(len(prompts), device=logits.device), last]
 
-    def _decode(self, requests: list[Request]) -> torch.Tensor:
-        """The PyTorch path: feed each request's last token into its slot; the next logits."""
-        input_ids = torch.tensor([[r.last_token] for r in requests], device=self.model.device)
+    def _decode(self, requests: list[Request], tokens: list[int]) -> torch.Tensor:
+        """The PyTorch path: feed `tokens[i]` into request i's slot; the next logits."""
+        input_ids = torch.tensor([[token] for token in tokens], device=self.model.device)
         view = self.cache.batch([r.slot for r in requests], [1] * len(requests))
         return self.model(input_ids, view)[:, -1]
 
@@ -90,33 +127,52 @@ class ModelRunner:
         return self.cache.tokens_held() / (self.num_slots * self.cache.max_length)
 
 
-@torch.inference_mode()
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
-    """Each row's next token, drawn with its request's parameters and generator, and its logprobs if asked."""
-    tokens: list[int | None] = [None] * len(requests)
-    # Greedy rows (argmax, what `next_token` does at temperature 0) in one op: they need no generator.
-    greedy = [i for i, r in enumerate(requests) if r.params.temperature == 0 and r.params.repetition_penalty == 1]
-    if greedy:
-        rows = (logits if len(greedy) == len(requests) else logits[greedy]).float()
-        # On the CPU numpy's argmax (the first of equal maxima, like torch's): it needs no thread pool, and is
-        # about 15x faster than torch's for 32 rows of 8192.
-        picked = rows.numpy().argmax(-1) if rows.device.type == "cpu" else rows.argmax(-1)
-        for i, token in zip(greedy, picked.tolist(), strict=True):
-            tokens[i] = token
-    chosen = []
-    for i, request in enumerate(requests):
-        if tokens[i] is None:
-            if request.generator is None:
-                request.generator = make_generator(request.params.seed, logits.device)
-            tokens[i] = int(next_token(logits[i][None], request.params, request.generator)[0])
-        logprob = None if request.top_logprobs is None else _logprob(logits[i], tokens[i], request.top_logprobs)
-        chosen.append((tokens[i], logprob))
-    return chosen
+class Sampled:
+    """One step's requests and the tokens (and logprobs) sampled for them, on their way to the host."""
+
+    def __init__(
+        self, requests: list[Request], tokens: torch.Tensor, logprobs: list[tuple[torch.Tensor, ...] | None]
+    ) -> None:
+        self.requests = requests
+        # From the GPU into pinned host memory, queued behind the step's work without waiting for it; the event
+        # marks the copies' end. On the CPU these are the tensors themselves.
+        self.tokens = tokens.to("cpu", non_blocking=True)
+        self.logprobs = [None if parts is None else [t.to("cpu", non_blocking=True) for t in parts]
+                         for parts in logprobs]
+        self.copied = None
+        if tokens.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(tokens.device))
+
+    def results(self) -> list[tuple[int, TokenLogprob | None]]:
+        """Each request's token and its logprobs if asked; waits for the copies."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.tokens.tolist()
+        results: list[tuple[int, TokenLogprob | None]] = []
+        for token, parts in zip(tokens, self.logprobs, strict=True):
+            if parts is None:
+                results.append((token, None))
+                continue
+            chosen, top_ids, top_values = parts
+            top = list(zip(top_ids.tolist(), top_values.tolist(), strict=True))
+            results.append((token, TokenLogprob(token, chosen.item(), top)))
+        return results
 
 
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    # The model's own distribution, before temperature and filters, as OpenAI reports it.
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The first largest logit of each row (the same tie rule as torch's argmax), on the logits' device."""
+    rows = logits.float()
+    if rows.device.type == "cpu":
+        # numpy's argmax needs no thread pool, and is about 15x faster than torch's for 32 rows of 8192.
+        return torch.from_numpy(rows.numpy().argmax(-1))
+    return rows.argmax(-1)
+
+
+def _logprobs(logits: torch.Tensor, token: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-probability of `token` (`[1]`) and the ids and log-probabilities of the `top` most likely tokens,
+    under the model's own distribution (before temperature and filters, as OpenAI reports it), on the logits'
+    device: indexing with a device tensor, not a host number, needs no wait."""
     logprobs = logits.float().log_softmax(-1)
-    best = logprobs.topk(top) if top else None
-    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs[token]), pairs)
+    best = logprobs.topk(top)
+    return logprobs.gather(0, token), best.indices, best.values

@@ -88,9 +88,10 @@ class Scheduler:
         return end - start
 
     def decoding(self) -> list[Request]:
-        """The running requests that decode in the next step: those with a sampled token to feed."""
+        """The running requests that decode in the next step: those with a sampled token to feed and tokens to
+        go (one that has drawn `max_new_tokens` ends by length, even before the engine has seen its last token)."""
         with self.lock:
-            return [r for r in self.running.values() if r.generated]
+            return [r for r in self.running.values() if 0 < r.sampled < r.params.max_new_tokens]
 
     def all_running(self) -> list[Request]:
         with self.lock:
