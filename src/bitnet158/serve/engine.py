@@ -13,6 +13,7 @@ order). One that ends by length gets no extra row: the scheduler knows how many 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -37,6 +38,12 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="bitnet158-engine", daemon=True)
 
     def start(self) -> None:
+        if self.runner.overlaps:
+            # The engine thread waits for each GPU step with the GIL released and must have it back at once to
+            # launch the next, while the HTTP thread may be busy in Python: a waiting thread gets the GIL only
+            # after the switch interval (5 ms by default, a whole 32-row step). On the H100 with 32 clients
+            # 0.5 ms brought the inter-token p99 from 8.2-12.5 ms to 7.2-9.3 ms.
+            sys.setswitchinterval(0.0005)
         self._thread.start()
 
     def stop(self) -> None:
