@@ -10,7 +10,7 @@ import torch
 from bitnet158 import BitNetForCausalLM
 from bitnet158.cli.model_loading import embedded_model_path
 from bitnet158.kernels.reference import ternary_linear, ternary_matmul
-from bitnet158.model.bitnet import RMSNorm
+from bitnet158.model.bitnet import RMSNorm, apply_rotary, rotary_cos_sin
 from bitnet158.packing import pack_2bit
 from bitnet158.quant.activations import quantize_activations
 
@@ -198,6 +198,49 @@ def test_fused_norm_gemv_epilogues(m: int, k: int, n: int, dtype: torch.dtype):
         gpu.fused_gemv(x, norm.weight, 1e-5, weight, scale, n, "relu2_gate_up").float(), relu2,
         rtol=5e-2, atol=5e-2 * relu2.abs().max().item(),
     )
+
+
+def _attention_reference(qkv, keys, values, lengths, padding, slots, num_heads: int, theta: float) -> torch.Tensor:
+    """Per row: rotate the new q and k at position length - padding, attend to the slot's keys in
+    [padding, length) and the new key, grouped query heads; float32 on the CPU."""
+    kv_heads, head_dim = keys.shape[1], keys.shape[3]
+    group = num_heads // kv_heads
+    out = []
+    for b in range(qkv.shape[0]):
+        length, pad, slot = int(lengths[b]), int(padding[b]), int(slots[b])
+        q, k, v = qkv[b].float().split([num_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        cos, sin = rotary_cos_sin(torch.tensor([[length - pad]]), head_dim, theta, torch.float32)
+        q = apply_rotary(q.view(1, num_heads, 1, head_dim), cos, sin).view(kv_heads, group, head_dim)
+        k = apply_rotary(k.view(1, kv_heads, 1, head_dim), cos, sin).view(kv_heads, 1, head_dim)
+        all_k = torch.cat([keys[slot, :, pad:length].float(), k], dim=1)
+        all_v = torch.cat([values[slot, :, pad:length].float(), v.view(kv_heads, 1, head_dim)], dim=1)
+        weights = torch.softmax(q @ all_k.transpose(1, 2) * head_dim**-0.5, dim=-1)
+        out.append((weights @ all_v).reshape(-1))
+    return torch.stack(out)
+
+
+def test_decode_attention_matches_the_reference_over_every_split():
+    """Rows of many lengths (no cached key, one block, a few splits, all 16), left padding, rows in any slots;
+    each call writes the new key and value at the row's length. Twice, so the split counters' reset is used."""
+    from bitnet158.kernels import gpu_attention
+
+    num_heads, kv_heads, head_dim, theta = 8, 2, 64, 10000.0
+    lengths = torch.tensor([0, 5, 100, 700, 1500, 2000])
+    padding = torch.tensor([0, 2, 0, 30, 100, 0])
+    slots = torch.tensor([3, 0, 5, 1, 2, 4])
+    keys = torch.randn(6, kv_heads, 2048, head_dim)
+    values = torch.randn(6, kv_heads, 2048, head_dim)
+    qkv = torch.randn(6, (num_heads + 2 * kv_heads) * head_dim)
+    want = _attention_reference(qkv, keys, values, lengths, padding, slots, num_heads, theta)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cuda_keys, cuda_values = keys.cuda(), values.cuda()
+    for _ in range(2):
+        got = gpu_attention.decode_attention(qkv.cuda(), cuda_keys, cuda_values, inv_freq.cuda(), lengths.cuda(),
+                                             padding.cuda(), slots.cuda(), num_heads)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    new_v = qkv[:, (num_heads + kv_heads) * head_dim:].view(6, kv_heads, head_dim)
+    for b in range(6):
+        torch.testing.assert_close(cuda_values[slots[b], :, lengths[b]].cpu(), new_v[b])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,7 @@ import torch
 from bitnet158.cli.model_loading import load_model
 from bitnet158.generation.detokenize import StreamingDetokenizer
 from bitnet158.generation.sampling import SamplingParams, make_generator, sample
+from bitnet158.kernels import cpu
 from bitnet158.serve.engine import Engine
 from bitnet158.serve.metrics import Metrics
 from bitnet158.serve.request import Delta, Finished, Request
@@ -180,6 +181,7 @@ def embedded():
     return load_model(None, torch.device("cpu"))
 
 
+@pytest.mark.skipif(not cpu.available(), reason="prompt chunks need the native CPU kernels (not built here)")
 @torch.inference_mode()
 def test_chunked_batched_requests_get_their_lone_tokens(embedded):
     """Requests arriving at different steps, their prompts cut into chunks of at most 3 tokens beside other

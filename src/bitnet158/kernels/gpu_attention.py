@@ -6,6 +6,11 @@ lengths in any slots. One program per (row, key/value head, split of the cache):
 part of the cache in parallel (one program per head would walk the whole cache alone), and the last
 split to finish combines the partial softmaxes (flash-decoding, without a second kernel). Programs read
 only their own row's data, so a row's result does not depend on the other rows of the batch.
+
+A row's cache is cut into at most MAX_SPLITS equal parts of whole BLOCK_L blocks, by its own length: the
+programs of the splits past it leave at once. A short cache then costs few programs, whatever the longest
+cache the graph was captured for (the server's 32 rows of about 100 tokens each: 7 of 16 programs per head
+did all the work, and 32 rows took 31 us per layer).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import triton.language as tl
 
 from bitnet158.kernels.gpu import _early_launch, _round_to, _wait_for_previous_kernel
 
-MAX_SPLITS = 16  # splits per head; a split covers at least MIN_SPLIT cache slots
-MIN_SPLIT = 64
+MAX_SPLITS = 16  # splits per head
+BLOCK_L = 64  # cache positions per step of a split
 # The running max of a split with no keys yet: finite, so that exp(_EMPTY - _EMPTY) is 1, not NaN.
 _EMPTY: tl.constexpr = tl.constexpr(-1.0e30)
 
@@ -54,10 +59,11 @@ def _decode_attention_kernel(
     arrivals,
     stride_qkv, stride_cb, stride_ch, stride_cl, stride_out, sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr,
-    SPLIT_L: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (b, g, s): the GROUP query heads of key/value head g of row b, over cache positions
-    [s * SPLIT_L, (s + 1) * SPLIT_L) of the row's slot `slots[b]`.
+    [s * split_l, (s + 1) * split_l) of the row's slot `slots[b]`, where `split_l` is the fewest whole
+    BLOCK_L blocks that cut the row's cache into SPLITS parts.
 
     `qkv` holds `[q (H * D) | k (KV * D) | v (KV * D)]` of the new token. The new token sits at cache
     position `length = lengths[b]` (read from device memory, so a captured graph replays at any length);
@@ -71,10 +77,14 @@ def _decode_attention_kernel(
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
+    length = tl.load(lengths_ptr + b)
+    split_l = tl.maximum(tl.cdiv(length, SPLITS * BLOCK_L), 1) * BLOCK_L
+    used = tl.maximum(tl.cdiv(length, split_l), 1)  # split 0 always: it holds the new token
+    if split >= used:
+        return
     dtype: tl.constexpr = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     ROWS: tl.constexpr = 16 if GROUP < 16 else GROUP
-    length = tl.load(lengths_ptr + b)
     pad = tl.load(padding_ptr + b)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     d = tl.arange(0, half)
@@ -112,8 +122,8 @@ def _decode_attention_kernel(
     q1 = q1.to(dtype)
     q2 = q2.to(dtype)
     offs_l = tl.arange(0, BLOCK_L)
-    end = tl.minimum(length, (split + 1) * SPLIT_L)
-    for l0 in range(tl.maximum(split * SPLIT_L, (pad // BLOCK_L) * BLOCK_L), end, BLOCK_L):
+    end = tl.minimum(length, (split + 1) * split_l)
+    for l0 in range(tl.maximum(split * split_l, (pad // BLOCK_L) * BLOCK_L), end, BLOCK_L):
         slots = l0 + offs_l
         ok = (slots < end) & (slots >= pad)
         kp = cache_k + slots[:, None] * stride_cl + d[None, :]
@@ -141,18 +151,21 @@ def _decode_attention_kernel(
     tl.store(part_stats + part * 2, m_i, mask=is_head)
     tl.store(part_stats + part * 2 + 1, l_i, mask=is_head)
     counter = arrivals + b * KV_HEADS + g
-    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+    if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
         tl.store(counter, 0)  # ready for the next call
         group_heads = g * GROUP + tl.arange(0, GROUP)
         splits = tl.arange(0, SPLITS)
         parts = (b * KV_HEADS * GROUP + group_heads[:, None]) * SPLITS + splits[None, :]  # [GROUP, SPLITS]
-        m_s = tl.load(part_stats + parts * 2, cache_modifier=".cg")
-        l_s = tl.load(part_stats + parts * 2 + 1, cache_modifier=".cg")
+        ran = (splits < used)[None, :]
+        m_s = tl.load(part_stats + parts * 2, mask=ran, other=_EMPTY, cache_modifier=".cg")
+        l_s = tl.load(part_stats + parts * 2 + 1, mask=ran, other=0.0, cache_modifier=".cg")
         m_all = tl.max(m_s, axis=1)
         weight = tl.exp(m_s - m_all[:, None])
         total = tl.sum(l_s * weight, axis=1)
-        o1 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + d[None, None, :], cache_modifier=".cg")
-        o2 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + half + d[None, None, :], cache_modifier=".cg")
+        o1 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + d[None, None, :], mask=ran[:, :, None], other=0.0,
+                     cache_modifier=".cg")
+        o2 = tl.load(part_out + parts[:, :, None] * HEAD_DIM + half + d[None, None, :], mask=ran[:, :, None],
+                     other=0.0, cache_modifier=".cg")
         out1 = tl.sum(o1 * weight[:, :, None], axis=1) / total[:, None]
         out2 = tl.sum(o2 * weight[:, :, None], axis=1) / total[:, None]
         out_row = out_ptr + b * stride_out + group_heads[:, None] * HEAD_DIM
@@ -179,7 +192,7 @@ def decode_attention(
 
     Writes the rotated key and the value into position `lengths[b]` of slot `slots[b]` and returns `[B, H * D]`."""
     batch = qkv.shape[0]
-    _, kv_heads, max_length, head_dim = k_cache.shape
+    _, kv_heads, _, head_dim = k_cache.shape
     group = num_heads // kv_heads
     if group & (group - 1) or head_dim & (head_dim - 1) or k_cache.stride(3) != 1:
         raise ValueError(f"decode attention needs power-of-two head groups and head_dim, got {group}, {head_dim}")
@@ -187,11 +200,10 @@ def decode_attention(
         out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if workspace is None:
         workspace = attention_workspace(batch, num_heads, kv_heads, head_dim, qkv.device)
-    split_l = max(MIN_SPLIT, triton.next_power_of_2(-(-max_length // MAX_SPLITS)))
     _decode_attention_kernel[(batch, kv_heads, MAX_SPLITS)](
         qkv, k_cache, v_cache, out, inv_freq, lengths, padding, slots, *workspace,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), head_dim**-0.5,
-        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=64, SPLIT_L=split_l, SPLITS=MAX_SPLITS,
+        KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_L=BLOCK_L, SPLITS=MAX_SPLITS,
         PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",  # float32 models: no tf32 rounding
         num_warps=4, **_early_launch(qkv.device),
     )
