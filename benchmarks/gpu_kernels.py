@@ -8,6 +8,10 @@ the table shows medians of REPS calls. Calls rotate over enough weight sets (>= 
 no weight is in the 50 MB L2 when it is read. Microsoft's M=1 times are from
 ../shared/reference/anchors.md (same card, same method).
 
+A layer runs the four shapes one after another, and there each kernel's start overlaps the end of the one
+before: the `in sequence` rows time the four calls queued back to back between one pair of events (ours,
+and cuBLAS the same way), beside the sum of the four lone calls.
+
 The floor of each shape is the time, by the same method, of a kernel that only reads its packed
 weights (and stores one sum per program): no kernel that reads those bytes can be faster. An empty
 kernel's time is reported too: the part of every call that does not depend on the bytes at all.
@@ -17,6 +21,7 @@ kernel's time is reported too: the part of every call that does not depend on th
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bitnet158.kernels import gpu
+from bitnet158.kernels import gpu, gpu_mma
 
 SHAPES = {"qkv": (3840, 2560), "o": (2560, 2560), "gate+up": (13824, 2560), "down": (2560, 6912)}
 MICROSOFT_M1_US = {"qkv": 9.1, "o": 9.0, "gate+up": 12.4, "down": 15.5}
@@ -39,7 +44,7 @@ SLEEP_CYCLES = 400_000  # about 200 us at 1.98 GHz, more than the host needs to 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "gpu_kernels.json"
 
 
-def median_us(calls: list, reps: int = REPS) -> float:
+def median_us(calls: list, reps: int = REPS, sleep_cycles: int = SLEEP_CYCLES) -> float:
     """Median device time of `calls[i % len(calls)]()`, each call timed alone with events."""
     for call in calls[:2]:
         call()  # compile / pick kernels
@@ -47,7 +52,7 @@ def median_us(calls: list, reps: int = REPS) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        torch.cuda._sleep(SLEEP_CYCLES)  # GPU busy while the host queues the call: launch cost stays out
+        torch.cuda._sleep(sleep_cycles)  # GPU busy while the host queues the call: launch cost stays out
         starts[i].record()
         calls[i % len(calls)]()
         ends[i].record()
@@ -105,9 +110,39 @@ def bench_shape(name: str, n: int, k: int, m: int, floor_us: float, config=None)
     }
 
 
+def bench_sequence(m: int) -> dict:
+    """The four shapes called back to back, timed as one span: ours against cuBLAS bf16."""
+    ours, cublas = [], []
+    for n, k in SHAPES.values():
+        weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets_for(2 * n * k))]
+        scale = torch.rand(n, device="cuda") + 0.5
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        codes, x_scale, sums = gpu.quantize_rows(x)
+        ours.append([lambda w=w, c=codes, s=x_scale, t=sums, v=scale, n=n: gpu.w2a8_matmul(c, s, t, w, v, n)
+                     for w in weights])
+        cublas.append([lambda w=w, x=x: F.linear(x, w) for w in dense])
+
+    def in_sequence(calls_per_shape: list[list]) -> float:
+        def layer(i: int) -> None:
+            for calls in calls_per_shape:
+                calls[i % len(calls)]()
+        # Four launches to queue: a longer sleep (about 1 ms), so that the GPU never waits for the host.
+        return median_us([functools.partial(layer, i) for i in range(max(map(len, calls_per_shape)))],
+                         sleep_cycles=5 * SLEEP_CYCLES)
+
+    ours_us, cublas_us = in_sequence(ours), in_sequence(cublas)
+    return {"w2a8_us": ours_us, "cublas_bf16_us": cublas_us, "speedup_vs_cublas": cublas_us / ours_us}
+
+
 def _time_config(codes, x_scale, sums, weights, scale, n, config) -> float:
     return median_us([lambda w=w: gpu.w2a8_matmul(codes, x_scale, sums, w, scale, n, config=config) for w in weights],
                      reps=60)
+
+
+def _time_cuda(codes, x_scale, sums, weights, scale, out, config) -> float:
+    calls = [lambda w=w: gpu_mma.w2a8_mma(codes, x_scale, sums, w, scale, out, config=config) for w in weights]
+    return median_us(calls, reps=60)
 
 
 # The epilogue each shape has in the decode step (`generation.gpu_decode`).
@@ -145,14 +180,29 @@ def sweep_gemv() -> None:
         del weights
 
 
+def sweep_cuda_mma(batches: list[int]) -> None:
+    """Time the CUDA kernel's (tokens per block, K splits, loads in flight) per shape and batch (to pick
+    `gpu_mma.plan`)."""
+    for m in batches:
+        for name, (n, k) in SHAPES.items():
+            weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+            scale = torch.rand(n, device="cuda") + 0.5
+            codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            tokens = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
+            configs = [(tokens, splits, depth) for splits in range(1, 9) for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
+            _report(f"sweep CUDA M={m} {name}",
+                    [(_time_cuda(codes, x_scale, sums, weights, scale, out, c), c) for c in configs])
+            del weights
+
+
 def sweep_mma(batches: list[int]) -> None:
-    """Time tensor-core block configurations per shape and batch (to pick `_mma_config` and `_gemm_config`).
+    """Time Triton tensor-core block configurations per shape and batch (to pick `_mma_config` and `_gemm_config`).
     Small M: (BLOCK_M, BLOCK_R, BLOCK_K, warps, stages, K splits); large M: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
     stages) of the int8 GEMM after unpacking."""
     small = [(bm, br, 256, 4, 1, splits) for bm, br in ((16, 16), (16, 32), (64, 16), (64, 32))
              for splits in (1, 2, 4, 8, 10)]
     configs = {
-        16: [c for c in small if c[0] == 16],
         64: [c for c in small if c[0] == 64],
         2048: [
             (128, 128, 128, 4, 3), (128, 128, 128, 4, 2), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
@@ -177,13 +227,15 @@ def sweep_mma(batches: list[int]) -> None:
 def main(argv: list[str]) -> None:
     if "--sweep" in argv:
         sweep_gemv()
-        sweep_mma([16, 64, 2048])
+        sweep_cuda_mma([2, 8, 16, 32])
+        sweep_mma([64, 2048])
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT
     flag = torch.zeros(1, device="cuda")
     empty_us = median_us([lambda: _empty_kernel[(1,)](flag)])
     floors = {name: read_floor_us(n * k // 4) for name, (n, k) in SHAPES.items()}
     rows = [bench_shape(name, n, k, m, floors[name]) for m in BATCHES for name, (n, k) in SHAPES.items()]
+    sequences = {m: bench_sequence(m) for m in BATCHES}
     header = (f"{'shape':8} {'M':>5} {'W2A8 us':>8} {'+quant':>7} {'cuBLAS':>8} {'x cuBLAS':>8} "
               f"{'GB/s':>6} {'of 3TB/s':>8} {'floor':>6} {'MSFT us':>7}")
     lines = [header]
@@ -200,13 +252,16 @@ def main(argv: list[str]) -> None:
         lines.append(f"{'sum':8} {m:5} {sums[m]['w2a8_us']:8.2f} {'':7} {sums[m]['cublas_bf16_us']:8.2f} "
                      f"{sums[m]['cublas_bf16_us'] / sums[m]['w2a8_us']:8.2f} {'':6} {'':8} "
                      f"{sums[m]['read_floor_us']:6.2f}")
+        seq = sequences[m]
+        lines.append(f"{'in seq.':8} {m:5} {seq['w2a8_us']:8.2f} {'':7} {seq['cublas_bf16_us']:8.2f} "
+                     f"{seq['speedup_vs_cublas']:8.2f}")
     lines.append(f"empty kernel: {empty_us:.2f} us per call")
     print("\n".join(lines))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "reps": REPS, "method": "CUDA events per call after a sleep kernel, median; weights rotated over >= 200 MB",
-        "empty_kernel_us": empty_us, "rows": rows, "sums_per_layer": sums,
+        "empty_kernel_us": empty_us, "rows": rows, "sums_per_layer": sums, "in_sequence_per_layer": sequences,
         "microsoft_m1_sum_us": sum(MICROSOFT_M1_US.values()),
     }, indent=2) + "\n")
 

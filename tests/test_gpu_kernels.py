@@ -1,4 +1,5 @@
-"""Triton W2A8 kernels and the graph-captured decode step against the PyTorch reference. Skipped without CUDA.
+"""W2A8 kernels (Triton, and CUDA for few rows on Hopper) and the graph-captured decode step against the
+PyTorch reference. Skipped without CUDA.
 
 Fresh random inputs per case; the integer dot products must be exact, odd shapes included."""
 
@@ -117,6 +118,47 @@ def test_every_split_mma_config_is_exact(m: int, k: int, n: int, config: tuple[i
         got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, weight, scale, n,
                               int_out=True, config=config)
         assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
+# (tokens per block, K splits, loads in flight): one split or the most a cluster takes, a last split shorter
+# than the others, more loads in flight than a warp has chunks; rows past M and R, several token tiles.
+CUDA_MMA_CONFIGS = [(8, 1, 1), (8, 3, 6), (16, 8, 2), (32, 5, 1), (32, 2, 3)]
+
+
+def _skip_without_cuda_mma() -> None:
+    from bitnet158.kernels import gpu_mma
+
+    if not gpu_mma.available(torch.device("cuda")):
+        pytest.skip("the CUDA mma kernel needs a Hopper GPU and torch.cuda._compile_kernel")
+
+
+@pytest.mark.parametrize("config", CUDA_MMA_CONFIGS)
+@pytest.mark.parametrize(("m", "k", "n"), [(2, 333, 65), (9, 2560, 3840), (17, 6912, 130), (32, 1000, 7)])
+def test_every_cuda_mma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int]):
+    from bitnet158.kernels import gpu, gpu_mma
+
+    _skip_without_cuda_mma()
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act, padded, sums = _random_codes(m, k)
+    got = torch.full((m, n), -1, dtype=torch.int32, device="cuda")
+    gpu_mma.w2a8_mma(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, got, config=config)
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
+    from bitnet158.kernels import gpu, gpu_mma
+
+    _skip_without_cuda_mma()
+    m, k, n = 13, 777, 301
+    _, packed, scale = _random_layer(n, k, per_row_scale=True)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    codes, x_scale, sums = gpu.quantize_rows(x)
+    got = gpu_mma.w2a8_mma(codes, x_scale, sums, gpu.repack(packed), scale, torch.empty(m, n, dtype=dtype,
+                           device="cuda"), bias)
+    # The same float operations in the same order as the reference: equal to the last bit.
+    assert torch.equal(got, ternary_linear(x, packed, scale, n, bias))
 
 
 @pytest.mark.parametrize("config", [(128, 128, 128, 4, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])

@@ -34,12 +34,14 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from bitnet158.kernels import gpu_mma
 from bitnet158.quant.weights import SCALE_EPS
 
 K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
 MAX_K = 2**24  # |sum| <= 128 * K must stay below 2^31
-# Up to this many rows the dp4a GEMV, which reads the weights once per row (from L2 after the first), beats the
-# tensor cores (H100, 2B4T, per call: 4.3 us at 1 row, about 10 at 4, 16.7 at 8; the tensor cores 10.7 up to 16).
+# One row: the dp4a GEMV, which reads each weight word once and needs no tensor core. From 2 to
+# `gpu_mma.MAX_M` rows on Hopper: the CUDA mma kernel (H100, 2B4T, four shapes per call: 34.9 us at 2 rows
+# against the GEMV's 36.7, 35.4 at 4 against 49.3). Elsewhere the GEMV up to 4 rows.
 GEMV_MAX_M = 4
 MMA_MAX_M = 64  # up to this many rows, tensor cores on weights unpacked in registers; above, an int8 GEMM
 FUSED_MAX_K = 8192  # the fused norm GEMV keeps a whole row in registers
@@ -567,9 +569,11 @@ def w2a8_matmul(
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
-    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for M <= 4, tensor cores on
-    weights unpacked in registers for M <= 64, and unpacking plus an int8 GEMM above.
-    `config` overrides the block sizes (for tuning): see `_gemv_config`, `_mma_config` and `_gemm_config`."""
+    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for one row, the CUDA mma kernel
+    for 2 to 32 rows on Hopper, Triton's tensor cores on weights unpacked in registers up to 64 rows (and
+    the GEMV up to 4 where the CUDA kernel cannot run), and unpacking plus an int8 GEMM above.
+    `config` overrides the block sizes of the Triton kernels (for tuning): see `_gemv_config`, `_mma_config`
+    and `_gemm_config`."""
     m, kp = codes.shape
     r = weight.shape[0]
     if weight.shape[1] != kp or kp % K_ALIGN or not ROWS_OK(r, out_features):
@@ -579,6 +583,8 @@ def w2a8_matmul(
         return out
     w_scale_stride = 0 if weight_scale.numel() == 1 else 1
     bias_arg = bias if bias is not None else weight_scale
+    if config is None and 1 < m <= gpu_mma.MAX_M and gpu_mma.available(codes.device):
+        return gpu_mma.w2a8_mma(codes, x_scale, code_sums, weight, weight_scale, out, bias)
     if m <= GEMV_MAX_M:
         block_r, block_kw, warps = config or _gemv_config(r, kp // 4)
         _gemv_kernel[(triton.cdiv(r, block_r), m)](

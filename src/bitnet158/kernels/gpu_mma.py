@@ -1,0 +1,99 @@
+"""The W2A8 kernel for 2 to 32 rows on Hopper (`w2a8_mma.cu`): int8 mma.sync fed straight from the packed
+weights in registers, the splits of K of a tile added up through the shared memory of a thread-block
+cluster. Each (tokens, splits, depth) variant is compiled the first time it is used, for the GPU in use, by
+NVRTC, which PyTorch's CUDA builds ship: no nvcc, no build step.
+
+Why not Triton: its tensor-core dot takes operands in its own register order, reached through shared memory;
+here each lane unpacks its 16-byte load straight into its mma fragment (on the H100, the four 2B4T shapes at
+16 rows: 39.7 us against 54.4 for the Triton kernel)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from importlib import resources
+
+import torch
+
+ROWS_PER_BLOCK = 16  # packed rows: 64 output rows
+CHUNK = 64  # bytes of K per warp step: the padded K must be a multiple
+WARPS = 8
+THREADS = 32 * WARPS
+MAX_DEPTH = 6
+TOKEN_TILES = (8, 16, 32)
+MAX_M = 32
+OUT_KINDS = {torch.int32: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+@functools.cache
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run here: thread-block clusters need compute capability 9.0, and the NVRTC
+    entry point (`torch.cuda._compile_kernel`) a recent PyTorch."""
+    return (device.type == "cuda" and hasattr(torch.cuda, "_compile_kernel")
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+@functools.cache
+def _kernel(tokens: int, splits: int, depth: int, capability: tuple[int, int]):
+    source = resources.files("bitnet158.kernels").joinpath("w2a8_mma.cu").read_text()
+    name = f"w2a8_mma<{tokens // 8}, {depth}, {splits}>"
+    return torch.cuda._compile_kernel(source, name, f"{capability[0]}{capability[1]}")
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _launch(kernel, grid: tuple[int, int, int], args: list[ctypes._SimpleCData]) -> None:
+    """`kernel` on the current stream, with pointer and int arguments (torch's own launcher costs tens of
+    microseconds of host time per call)."""
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(arg) for arg in args])
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    error = _driver().cuLaunchKernel(kernel.func, *grid, THREADS, 1, 1, 0, stream, params, None)
+    if error:
+        raise RuntimeError(f"cuLaunchKernel failed with CUDA driver error {error}")
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int]:
+    """(tokens per block, K splits, loads in flight per lane). About 1.5 blocks per multiprocessor (splits
+    of K: at most 8, a portable cluster), and every lane's loads in flight at once."""
+    tokens = next(t for t in TOKEN_TILES if m <= t or t == TOKEN_TILES[-1])
+    tiles = -(-r // ROWS_PER_BLOCK) * -(-m // tokens)
+    chunks = kp // CHUNK
+    splits = max(1, min(round(1.5 * sm_count / tiles), chunks // 8, 8))
+    per_warp = -(-chunks // (splits * WARPS))
+    # 32 tokens hold 64 more registers per load: more than one load in flight costs blocks per multiprocessor.
+    return tokens, splits, 1 if tokens == 32 else min(per_warp, MAX_DEPTH)
+
+
+def w2a8_mma(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    code_sums: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Fill `out [M, N]` (int32: the exact sums; else scaled, in its dtype) with `codes [M, Kp] @ W^T`.
+    `config` = (tokens per block, K splits, loads in flight) overrides `plan` (for tuning)."""
+    m, kp = codes.shape
+    r = weight.shape[0]
+    tokens, splits, depth = config or plan(m, r, kp, _sm_count(codes.device))
+    kernel = _kernel(tokens, splits, depth, torch.cuda.get_device_capability(codes.device))
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    _launch(kernel, (-(-r // ROWS_PER_BLOCK), -(-m // tokens), splits), [
+        pointer(codes.data_ptr()), pointer(x_scale.data_ptr()), pointer(code_sums.data_ptr()),
+        pointer(weight.data_ptr()), pointer(weight_scale.data_ptr()), integer(0 if weight_scale.numel() == 1 else 1),
+        pointer((weight_scale if bias is None else bias).data_ptr()), integer(bias is not None),
+        pointer(out.data_ptr()), integer(OUT_KINDS[out.dtype]), integer(m), integer(r), integer(out.shape[1]),
+        integer(kp), integer(codes.stride(0)), integer(out.stride(0)),
+    ])
+    return out

@@ -1,0 +1,204 @@
+// Ternary weights (2 bits) times int8 activations for 5 to 64 rows: int8 mma.sync fed straight from the
+// packed bytes in registers, with no shared-memory staging of the weights. Compiled at first use with
+// NVRTC (`kernels/gpu_mma.py`), so it includes no header.
+//
+// Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
+// r, r + R, r + 2R, r + 3R at column k, two bits each. A 16-byte load of packed row r therefore gives,
+// after `(word >> 2i) & 0x03030303`, the int8 codes of row r + iR at 16 consecutive columns: four words
+// of an mma A fragment (m16n8k32: each lane holds 4 consecutive columns of one row). The weights are the
+// A operand (16 output rows per mma), the activations the B operand (8 tokens per mma).
+//
+// The sum over k does not care about the order of k, so each lane reads 16 consecutive bytes and the
+// activations are read in the same permuted order: lane (g, q) (g = lane / 4, q = lane % 4) loads bytes
+// [16q, 16q + 16) of a 64-byte chunk of packed rows g and g + 8, and of token g. Its four words feed two
+// mma steps of 32 columns each. A warp thus reads 8 rows x 64 contiguous bytes per load: whole sectors.
+//
+// A block holds 16 packed rows (64 output rows) and 8 * NT tokens; its warps take turns over the 64-byte
+// chunks of its part of K, DEPTH chunks at a time, and add their int32 sums in shared memory. Few rows
+// leave little work per weight byte, so a tile's K is cut into SPLITS parts, one block each, and these
+// blocks form one thread-block cluster (Hopper): once all have their sums, each adds up its share of the
+// tile's outputs from every block's shared memory and writes it. No workspace, no counters, no second
+// pass through global memory. All sums are exact in int32; the scales are applied once, in the order of
+// `reference.ternary_linear`.
+
+constexpr int kRows = 16;    // packed rows per block (64 output rows)
+constexpr int kChunk = 64;   // bytes of K per warp step
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+
+// Output element types (`out_kind`).
+constexpr int kInt32 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3;
+
+struct Words {
+  unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                       unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned field(unsigned word, int i) { return (word >> (2 * i)) & 0x03030303u; }
+
+// Weights are read once: keep them out of L1, which holds the activations every block reads.
+__device__ __forceinline__ Words load_weights(const unsigned char* ptr, bool ok) {
+  Words v = {0, 0, 0, 0};
+  if (ok) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  }
+  return v;
+}
+
+__device__ __forceinline__ Words load_codes(const signed char* ptr, bool ok) {
+  Words v = {0, 0, 0, 0};
+  if (ok) {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(ptr));
+  }
+  return v;
+}
+
+__device__ __forceinline__ float load_float(const void* ptr, int kind, int i) {
+  if (kind == kBFloat16) return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(ptr)[i]) << 16);
+  if (kind == kFloat16) {
+    float v;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<const unsigned short*>(ptr)[i]));
+    return v;
+  }
+  return static_cast<const float*>(ptr)[i];
+}
+
+__device__ __forceinline__ void store(void* out, int kind, long long i, int total, float value) {
+  if (kind == kInt32) {
+    static_cast<int*>(out)[i] = total;
+  } else if (kind == kFloat32) {
+    static_cast<float*>(out)[i] = value;
+  } else {
+    unsigned short bits;
+    if (kind == kBFloat16) {
+      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+    } else {
+      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+    }
+    static_cast<unsigned short*>(out)[i] = bits;
+  }
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// `*ptr` in the shared memory of block `rank` of this cluster.
+__device__ __forceinline__ int load_from_block(const int* ptr, unsigned rank) {
+  unsigned local, remote;
+  int value;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(ptr));
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(value) : "r"(remote) : "memory");
+  return value;
+}
+
+template <int NT, int DEPTH, int SPLITS>
+__global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_mma(
+    const signed char* __restrict__ codes, const float* __restrict__ x_scale, const int* __restrict__ x_sum,
+    const unsigned char* __restrict__ weight, const float* __restrict__ w_scale, int w_scale_stride,
+    const void* __restrict__ bias, int has_bias, void* __restrict__ out, int out_kind, int M, int R, int N,
+    int Kp, int stride_codes, int stride_out) {
+  static_assert(NT <= 4, "the tree of partial sums must fit in 48 KB of shared memory");
+  constexpr int kTokens = 8 * NT;
+  constexpr int kRegs = 4 * NT * 4;  // each lane's sums: acc[row group][token tile][C fragment register]
+  __shared__ int partial[kWarps / 2 * kRegs * 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int p0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+
+  const bool lo_ok = p0 + g < R, hi_ok = p0 + g + 8 < R;
+  const unsigned char* w_lo = weight + static_cast<long long>(lo_ok ? p0 + g : 0) * Kp + 16 * q;
+  const unsigned char* w_hi = weight + static_cast<long long>(hi_ok ? p0 + g + 8 : 0) * Kp + 16 * q;
+  const signed char* a_row[NT];
+  bool a_ok[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const int m = m0 + 8 * t + g;
+    a_ok[t] = m < M;
+    a_row[t] = codes + static_cast<long long>(a_ok[t] ? m : 0) * stride_codes + 16 * q;
+  }
+  int acc[4][NT][4] = {};
+
+  const int chunks = Kp / kChunk;
+  const int per_split = (chunks + SPLITS - 1) / SPLITS;
+  const int first = blockIdx.z * per_split, end = min(chunks, first + per_split);
+  for (int base = first + warp; base < end; base += kWarps * DEPTH) {
+    Words lo[DEPTH], hi[DEPTH], act[DEPTH][NT];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {  // every load first, so that DEPTH of them are in flight
+      const int c = base + d * kWarps;
+      lo[d] = load_weights(w_lo + c * kChunk, lo_ok && c < end);
+      hi[d] = load_weights(w_hi + c * kChunk, hi_ok && c < end);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) act[d][t] = load_codes(a_row[t] + c * kChunk, a_ok[t] && c < end);
+    }
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          mma_s8(acc[i][t], field(lo[d].x, i), field(hi[d].x, i), field(lo[d].y, i), field(hi[d].y, i),
+                 act[d][t].x, act[d][t].y);
+          mma_s8(acc[i][t], field(lo[d].z, i), field(hi[d].z, i), field(lo[d].w, i), field(hi[d].w, i),
+                 act[d][t].z, act[d][t].w);
+        }
+      }
+    }
+  }
+  // Add the warps' sums in a tree through shared memory, each lane's registers as they are (conflict-free);
+  // warp 0 ends with the block's sums and leaves them in slot 0.
+#pragma unroll
+  for (int half = kWarps / 2; half >= 1; half /= 2) {
+    if (warp >= half && warp < 2 * half) {
+#pragma unroll
+      for (int j = 0; j < kRegs; ++j) partial[(warp - half) * kRegs * 32 + j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
+    }
+    __syncthreads();
+    if (warp < half) {
+#pragma unroll
+      for (int j = 0; j < kRegs; ++j) acc[j / (4 * NT)][j / 4 % NT][j % 4] += partial[warp * kRegs * 32 + j * 32 + lane];
+    }
+    __syncthreads();
+  }
+  if (warp == 0) {
+#pragma unroll
+    for (int j = 0; j < kRegs; ++j) partial[j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
+  }
+  if (SPLITS > 1) {
+    cluster_sync();  // every block of the tile has its sums
+  } else {
+    __syncthreads();
+  }
+
+  // Output: token-major, 16 consecutive output columns per row group; block z writes every SPLITS-th.
+  // C fragment of mma (i, t): c0, c1 at packed row g, tokens 8t + 2q and 8t + 2q + 1; c2, c3 at row g + 8.
+  for (int idx = blockIdx.z * kThreads + threadIdx.x; idx < kRegs * 32; idx += SPLITS * kThreads) {
+    const int token = idx / (4 * kRows), i = idx / kRows % 4, j = idx % kRows;
+    const int m = m0 + token, col = p0 + j + i * R;
+    if (m >= M || p0 + j >= R || col >= N) continue;
+    const int reg = (i * NT + token / 8) * 4 + (j >= 8) * 2 + token % 2;
+    const int* own = partial + reg * 32 + (j % 8) * 4 + token % 8 / 2;
+    int total = -x_sum[m];
+#pragma unroll
+    for (int s = 0; s < SPLITS; ++s) total += SPLITS > 1 ? load_from_block(own, s) : *own;
+    float value = 0.0f;
+    if (out_kind != kInt32) {
+      value = __fmul_rn(static_cast<float>(total), __fmul_rn(x_scale[m], w_scale[col * w_scale_stride]));
+      if (has_bias) value = __fadd_rn(value, load_float(bias, out_kind, col));
+    }
+    store(out, out_kind, static_cast<long long>(m) * stride_out + col, total, value);
+  }
+  if (SPLITS > 1) cluster_sync();  // each block's shared memory stays until the others have read it
+}
