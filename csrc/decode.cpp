@@ -339,7 +339,7 @@ constexpr DotKernels kAvx512 = {{head_avx512<kF32>, head_avx512<kBF16>},
 // The kernels of the instruction set in use (BITNET158_CPU_ISA / set_isa may lower it at any time).
 inline const DotKernels& kernels() {
 #if defined(BITNET158_X86)
-  if (active_isa() == Isa::kAvx512) return kAvx512;
+  if (has_avx512(active_isa())) return kAvx512;
   if (active_isa() == Isa::kAvx2) return kAvx2;
 #endif
   return kPortable;

@@ -10,7 +10,13 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define BITNET158_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(BITNET158_X86) && defined(__linux__)
+#define BITNET158_AMX 1  // AMX needs the kernel's leave to use its tile registers: Linux's arch_prctl
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(__aarch64__)
 #define BITNET158_NEON 1
@@ -23,10 +29,14 @@
 #define BEGIN_TARGET_AVX2 _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
 #define BEGIN_TARGET_AVX512 \
   _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma\"))), apply_to = function)")
+#define BEGIN_TARGET_AMX                                                                                             \
+  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,amx-tile,amx-int8\"))), apply_to = function)")
 #define END_TARGET _Pragma("clang attribute pop")
 #else
 #define BEGIN_TARGET_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
 #define BEGIN_TARGET_AVX512 _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma\")")
+#define BEGIN_TARGET_AMX \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,amx-tile,amx-int8\")")
 #define END_TARGET _Pragma("GCC pop_options")
 #endif
 
@@ -45,17 +55,35 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512-vnni";
+    case Isa::kAmx: return "avx512-amx";
     case Isa::kNeon: return "neon";
     default: return "portable";
   }
 }
 
+#if defined(BITNET158_AMX)
+// Whether the CPU has AMX-INT8 and the kernel lets this process use the tile registers (asking for them:
+// Linux gives a process their state only on request).
+static bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned kAmxTile = 1u << 24, kAmxInt8 = 1u << 25;  // CPUID.(7, 0):EDX
+  if ((edx & (kAmxTile | kAmxInt8)) != (kAmxTile | kAmxInt8)) return false;
+  const long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
+
 Isa detected_isa() {
 #if defined(BITNET158_X86)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512vnni"))
+      __builtin_cpu_supports("avx512vnni")) {
+#if defined(BITNET158_AMX)
+    if (amx_usable()) return Isa::kAmx;
+#endif
     return Isa::kAvx512;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
   return Isa::kPortable;
 #elif defined(BITNET158_NEON)
@@ -71,8 +99,8 @@ Isa active_isa() { return g_isa; }
 
 Isa set_isa(Isa wanted) {
   Isa best = detected_isa();
-  bool ok = wanted == Isa::kPortable || wanted == best ||
-            (wanted == Isa::kAvx2 && best == Isa::kAvx512);
+  bool ok = wanted == Isa::kPortable || wanted == best || (wanted == Isa::kAvx2 && has_avx512(best)) ||
+            (wanted == Isa::kAvx512 && best == Isa::kAmx);
   g_isa = ok ? wanted : best;
   return g_isa;
 }
@@ -666,6 +694,118 @@ static void tiled_tiles_avx512(void* p, int64_t begin, int64_t end) {
   tiled_rows(*static_cast<GemmJob*>(p), begin, end, kTiledAvx512);
 }
 END_TARGET
+
+#if defined(BITNET158_AMX)
+// ---------------------------------------------------------------------------------------------
+// tiled style, AMX. One tile multiply (tdpbsud) sums 16 batch rows x 64 inputs of int8 codes against
+// the same 64 inputs of 16 weight rows: the work of 16 dpbusd. The weight tile is the tiled layout
+// decoded: block q shifted by 2s holds inputs 16q + 4s .. 16q + 4s + 3 of the 16 rows, which is the
+// tile's row 4q + s, so decoding (shifts and masks into a 1 KB buffer) is most of what is left.
+// Passes take up to 32 batch rows (two batch tiles) and two weight tiles: 4 sum tiles.
+
+BEGIN_TARGET_AMX
+struct TileConfig {  // what ldtilecfg reads (palette 1)
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: the sums of batch tile b and weight tile t (tile 2b + t); 4-5: the batch tiles' codes
+// (rows0 and rows1 rows, rows1 = 0 where there is one); 6-7: the weight tiles.
+static void amx_configure(int rows0, int rows1) {
+  TileConfig config;
+  const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
+  for (int tile = 0; tile < 8; ++tile) {
+    config.rows[tile] = static_cast<uint8_t>(rows[tile]);
+    config.bytes_per_row[tile] = rows[tile] ? 64 : 0;  // unused tiles stay unconfigured
+  }
+  _tile_loadconfig(&config);
+}
+
+// Blocks q0 .. q0 + 3 of a weight tile (zeros past its `blocks`: the codes there are zero) as a tile.
+static inline void decode_for_amx(const uint8_t* w, int64_t blocks, int64_t q0, uint8_t* tile) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  for (int q = 0; q < 4; ++q) {
+    const __m512i x = q0 + q < blocks ? _mm512_loadu_si512(w + (q0 + q) * 64) : _mm512_setzero_si512();
+    for (int s = 0; s < 4; ++s)
+      _mm512_store_si512(tile + (4 * q + s) * 64, _mm512_and_si512(_mm512_srli_epi16(x, 2 * s), mask));
+  }
+}
+
+// The epilogue of `rows` batch rows from m0 and the 16 weight rows of `tile`.
+static void store_amx(const GemmJob& j, const int32_t (&sums)[16][16], int64_t m0, int rows, int64_t tile) {
+  for (int r = 0; r < rows; ++r) {
+    const __m512i total = _mm512_set1_epi32(j.sums[m0 + r]);
+    store16_avx512(*j.e, m0 + r, tile * 16, j.n, _mm512_sub_epi32(_mm512_load_si512(sums[r]), total));
+  }
+}
+
+// Batch rows m0 .. m0 + rows0 + rows1 (one batch tile, or two) times weight tile `tile` (and tile + 1).
+// Tile numbers are immediates: hence the spelled-out tiles.
+template <bool TwoBatch, bool TwoTiles>
+static void tiled_block_amx(const GemmJob& j, int64_t tile, int64_t m0, int rows0, int rows1) {
+  const int64_t blocks = tiled_padded_k(j.k) / 16;
+  const uint8_t* w = j.w + tile * blocks * 64;
+  const int8_t* a = j.codes + m0 * j.kp;
+  alignas(64) uint8_t weights[2][16 * 64];
+  _tile_zero(0);
+  if (TwoTiles) _tile_zero(1);
+  if (TwoBatch) _tile_zero(2);
+  if (TwoBatch && TwoTiles) _tile_zero(3);
+  for (int64_t q0 = 0; q0 < blocks; q0 += 4) {  // 64 inputs a pass (the codes are zero past k, up to kp)
+    decode_for_amx(w, blocks, q0, weights[0]);
+    _tile_loadd(6, weights[0], 64);
+    _tile_loadd(4, a + 16 * q0, j.kp);
+    _tile_dpbsud(0, 4, 6);
+    if (TwoBatch) {
+      _tile_loadd(5, a + 16 * j.kp + 16 * q0, j.kp);
+      _tile_dpbsud(2, 5, 6);
+    }
+    if (TwoTiles) {
+      decode_for_amx(w + blocks * 64, blocks, q0, weights[1]);
+      _tile_loadd(7, weights[1], 64);
+      _tile_dpbsud(1, 4, 7);
+      if (TwoBatch) _tile_dpbsud(3, 5, 7);
+    }
+  }
+  alignas(64) int32_t sums[16][16];
+  _tile_stored(0, sums, 64);
+  store_amx(j, sums, m0, rows0, tile);
+  if (TwoTiles) {
+    _tile_stored(1, sums, 64);
+    store_amx(j, sums, m0, rows0, tile + 1);
+  }
+  if (TwoBatch) {
+    _tile_stored(2, sums, 64);
+    store_amx(j, sums, m0 + 16, rows1, tile);
+  }
+  if (TwoBatch && TwoTiles) {
+    _tile_stored(3, sums, 64);
+    store_amx(j, sums, m0 + 16, rows1, tile + 1);
+  }
+}
+
+// Each pass of 32 batch rows walks the thread's tiles two at a time; the tile registers are given back
+// at the end, so that the OS does not save and restore them at every switch between jobs.
+static void tiled_tiles_amx(void* p, int64_t begin, int64_t end) {
+  const auto& j = *static_cast<GemmJob*>(p);
+  for (int64_t m0 = 0; m0 < j.m; m0 += 32) {
+    const int rows0 = static_cast<int>(std::min<int64_t>(16, j.m - m0));
+    const int rows1 = static_cast<int>(std::clamp<int64_t>(j.m - m0 - 16, 0, 16));
+    amx_configure(rows0, rows1);
+    for (int64_t tile = begin; tile < end; tile += 2) {
+      const bool two_tiles = tile + 1 < end;
+      if (rows1 && two_tiles) tiled_block_amx<true, true>(j, tile, m0, rows0, rows1);
+      else if (rows1) tiled_block_amx<true, false>(j, tile, m0, rows0, rows1);
+      else if (two_tiles) tiled_block_amx<false, true>(j, tile, m0, rows0, rows1);
+      else tiled_block_amx<false, false>(j, tile, m0, rows0, rows1);
+    }
+  }
+  _tile_release();
+}
+END_TARGET
+#endif  // BITNET158_AMX
 #endif  // BITNET158_X86
 
 // ---------------------------------------------------------------------------------------------
@@ -682,7 +822,11 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
   if (style == Style::kTiled) {
     const int64_t tiles = round_up(n, 16) / 16;
 #if defined(BITNET158_X86)
-    if (isa == Isa::kAvx512) return parallel_rows(tiles, 2, tiled_tiles_avx512, &job);  // tiles go in pairs
+#if defined(BITNET158_AMX)
+    // Below 8 rows a tile multiply is mostly empty and AVX-512 is as fast.
+    if (isa == Isa::kAmx && m >= 8) return parallel_rows(tiles, 2, tiled_tiles_amx, &job);
+#endif
+    if (has_avx512(isa)) return parallel_rows(tiles, 2, tiled_tiles_avx512, &job);  // tiles go in pairs
     if (isa == Isa::kAvx2) return parallel_rows(tiles, 1, tiled_tiles_avx2, &job);
 #endif
     return parallel_rows(tiles, 1, tiled_tiles_portable, &job);
@@ -707,7 +851,7 @@ void ternary_gemm(Style style, const int8_t* codes, const int32_t* sums, int64_t
     return parallel_rows(tiles, 1, lut_tiles_portable, &job);
   }
 #if defined(BITNET158_X86)
-  if (isa == Isa::kAvx512) {
+  if (has_avx512(isa)) {
     if (g_permuted.size() < static_cast<size_t>(m * job.kp)) g_permuted.resize(m * job.kp);
     for (int64_t row = 0; row < m; ++row)
       permute_for_avx512(codes + row * job.kp, job.kp, g_permuted.data() + row * job.kp);

@@ -7,7 +7,8 @@
 // interleaved 16 output rows at a time, so that one decoded vector holds 4 inputs of 16 rows (what
 // dpbusd sums per int32 lane): it is multiplied by one broadcast activation word per batch row and
 // the sums land in the rows' own lanes, without horizontal reductions; each decoded weight vector is
-// reused for up to 8 batch rows held in registers (the small-M GEMM of batched decoding).
+// reused for up to 8 batch rows held in registers (the small-M GEMM of batched decoding). With AMX,
+// batches of 8 rows or more multiply whole tiles: the tiled layout decoded is the weight tile.
 //
 // Every kernel computes the exact int32 sum(t * a) and then out = float(acc) * (act_scale * w_scale)
 // (+ bias), in that order, which is what the PyTorch reference computes.
@@ -17,7 +18,9 @@
 
 namespace bitnet158 {
 
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
+// kAmx: AVX-512 VNNI, and AMX-INT8's tile multiply for the tiled style's batches.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3, kAmx = 4 };
+inline bool has_avx512(Isa isa) { return isa == Isa::kAvx512 || isa == Isa::kAmx; }
 
 const char* isa_name(Isa isa);
 Isa detected_isa();

@@ -45,12 +45,12 @@ static PyObject* py_detected_isa(PyObject*, PyObject*) { return PyUnicode_FromSt
 static PyObject* py_set_isa(PyObject*, PyObject* args) {
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kNeon})
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx, Isa::kNeon})
     if (std::strcmp(name, isa_name(isa)) == 0) {
       std::lock_guard<std::mutex> lock(g_lock);
       return PyUnicode_FromString(isa_name(set_isa(isa)));
     }
-  return PyErr_Format(PyExc_ValueError, "unknown instruction set %s (portable, avx2, avx512-vnni, neon)", name);
+  return PyErr_Format(PyExc_ValueError, "unknown instruction set %s (portable, avx2, avx512-vnni, avx512-amx, neon)", name);
 }
 
 static PyObject* py_threads(PyObject*, PyObject*) { return PyLong_FromLong(pool().threads()); }

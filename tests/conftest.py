@@ -103,7 +103,8 @@ def _cpu_isas() -> list[str]:
     if cpu._cpu is None:
         return ["portable"]
     best = cpu._cpu.detected_isa()
-    return ["portable", "avx2", best] if best == "avx512-vnni" else ["portable", best]
+    x86 = ["portable", "avx2", "avx512-vnni", "avx512-amx"]
+    return x86[: x86.index(best) + 1] if best in x86 else ["portable", best]
 
 
 @pytest.fixture(params=_cpu_isas())

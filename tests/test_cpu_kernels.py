@@ -46,7 +46,7 @@ def _activations(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
 SHAPES = [
     (1, 1, 1), (3, 5, 2), (37, 300, 1), (33, 257, 3), (64, 256, 4), (129, 1000, 5), (45, 77, 6), (17, 1000, 7),
     (16, 16, 8), (31, 513, 9), (250, 130, 17), (70, 300, 32), (2560, 2560, 1), (3840, 2560, 2), (2560, 6912, 1),
-    (200, 6912, 33),
+    (200, 6912, 33), (33, 190, 20), (100, 1280, 64),
 ]
 
 
@@ -146,7 +146,7 @@ def test_style_choice(monkeypatch):
     assert cpu.choose_style(300, 256, 1) in cpu.STYLES
     assert (300, 256, 1, cpu.isa()) in cpu._style_cache  # timed once, then remembered
     assert cpu.choose_style(300, 256, cpu.GEMV_MAX_M + 1) == cpu.gemm_style()  # a GEMM: not timed
-    assert cpu.gemm_style() == ("tiled" if cpu.isa() in ("avx2", "avx512-vnni") else "i2")
+    assert cpu.gemm_style() == ("tiled" if cpu.isa() in ("avx2", "avx512-vnni", "avx512-amx") else "i2")
     monkeypatch.setenv("BITNET158_CPU_STYLE", "lut")
     assert cpu.choose_style(300, 256, 1) == "lut"
     monkeypatch.setenv("BITNET158_CPU_STYLE", "fast")

@@ -9,7 +9,7 @@ that shape and keeps the fastest (`choose_style`); larger batches are a GEMM: ti
 
 Environment:
 - BITNET158_THREADS: kernel threads (default: the CPUs this process may run on).
-- BITNET158_CPU_ISA: portable, avx2, avx512-vnni or neon (at most what the CPU has); "portable"
+- BITNET158_CPU_ISA: portable, avx2, avx512-vnni, avx512-amx or neon (at most what the CPU has); "portable"
   forces the plain C++ fallback.
 - BITNET158_CPU_STYLE: i2 or lut, instead of timing both.
 - BITNET158_CPU_KERNELS=0: do not use the extension at all (PyTorch reference kernels).
@@ -43,7 +43,7 @@ LAYOUTS = {"i2": "cpu_i2_k256", "lut": "cpu_lut_r32", "tiled": "cpu_tiled_16x4"}
 # Batches of at most this many rows choose a style by timing; larger ones are a GEMM (`gemm_style`).
 GEMV_MAX_M = 8
 # Where the tiled style has SIMD kernels; elsewhere it runs the portable loops.
-_TILED_ISAS = ("avx2", "avx512-vnni")
+_TILED_ISAS = ("avx2", "avx512-vnni", "avx512-amx")
 
 _style_cache: dict[tuple[int, int, int, str], str] = {}
 
@@ -89,7 +89,7 @@ def isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Use `name` (portable, avx2, avx512-vnni, neon) where the CPU has it; returns the one in effect."""
+    """Use `name` (portable, avx2, avx512-vnni, avx512-amx, neon) where the CPU has it; returns the one in effect."""
     if _cpu is None:
         raise RuntimeError(f"the native CPU kernels are not available ({IMPORT_ERROR})")
     _style_cache.clear()  # timings belong to an instruction set
