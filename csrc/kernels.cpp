@@ -748,25 +748,29 @@ static void tiled_block_amx(const GemmJob& j, int64_t tile, int64_t m0, int rows
   const int64_t blocks = tiled_padded_k(j.k) / 16;
   const uint8_t* w = j.w + tile * blocks * 64;
   const int8_t* a = j.codes + m0 * j.kp;
-  alignas(64) uint8_t weights[2][16 * 64];
+  // Tile registers are not renamed: a tile load waits for the multiplies that read the register before.
+  // So each pass loads all four tiles, then multiplies, then decodes the next pass's weights into the
+  // other buffer (the vector units work while the tile unit does).
+  alignas(64) uint8_t weights[2][2][16 * 64];  // [pass parity][weight tile]
   _tile_zero(0);
   if (TwoTiles) _tile_zero(1);
   if (TwoBatch) _tile_zero(2);
   if (TwoBatch && TwoTiles) _tile_zero(3);
+  decode_for_amx(w, blocks, 0, weights[0][0]);
+  if (TwoTiles) decode_for_amx(w + blocks * 64, blocks, 0, weights[0][1]);
   for (int64_t q0 = 0; q0 < blocks; q0 += 4) {  // 64 inputs a pass (the codes are zero past k, up to kp)
-    decode_for_amx(w, blocks, q0, weights[0]);
-    _tile_loadd(6, weights[0], 64);
+    const int64_t pass = q0 / 4;
     _tile_loadd(4, a + 16 * q0, j.kp);
+    _tile_loadd(6, weights[pass % 2][0], 64);
+    if (TwoTiles) _tile_loadd(7, weights[pass % 2][1], 64);
+    if (TwoBatch) _tile_loadd(5, a + 16 * j.kp + 16 * q0, j.kp);
     _tile_dpbsud(0, 4, 6);
-    if (TwoBatch) {
-      _tile_loadd(5, a + 16 * j.kp + 16 * q0, j.kp);
-      _tile_dpbsud(2, 5, 6);
-    }
-    if (TwoTiles) {
-      decode_for_amx(w + blocks * 64, blocks, q0, weights[1]);
-      _tile_loadd(7, weights[1], 64);
-      _tile_dpbsud(1, 4, 7);
-      if (TwoBatch) _tile_dpbsud(3, 5, 7);
+    if (TwoTiles) _tile_dpbsud(1, 4, 7);
+    if (TwoBatch) _tile_dpbsud(2, 5, 6);
+    if (TwoBatch && TwoTiles) _tile_dpbsud(3, 5, 7);
+    if (q0 + 4 < blocks) {
+      decode_for_amx(w, blocks, q0 + 4, weights[1 - pass % 2][0]);
+      if (TwoTiles) decode_for_amx(w + blocks * 64, blocks, q0 + 4, weights[1 - pass % 2][1]);
     }
   }
   alignas(64) int32_t sums[16][16];
