@@ -133,7 +133,8 @@ def _skip_without_cuda_mma() -> None:
 
 
 @pytest.mark.parametrize("config", CUDA_MMA_CONFIGS)
-@pytest.mark.parametrize(("m", "k", "n"), [(2, 333, 65), (9, 2560, 3840), (17, 6912, 130), (32, 1000, 7)])
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(2, 333, 65), (9, 2560, 3840), (17, 6912, 130), (32, 1000, 7), (50, 2560, 301)])
 def test_every_cuda_mma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int]):
     from bitnet158.kernels import gpu, gpu_mma
 

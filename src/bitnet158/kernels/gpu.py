@@ -43,7 +43,9 @@ MAX_K = 2**24  # |sum| <= 128 * K must stay below 2^31
 # `gpu_mma.MAX_M` rows on Hopper: the CUDA mma kernel (H100, 2B4T, four shapes per call: 34.9 us at 2 rows
 # against the GEMV's 36.7, 35.4 at 4 against 49.3). Elsewhere the GEMV up to 4 rows.
 GEMV_MAX_M = 4
-MMA_MAX_M = 64  # up to this many rows, tensor cores on weights unpacked in registers; above, an int8 GEMM
+# Up to 64 rows, tensor cores on weights unpacked in registers (the CUDA kernel on Hopper, Triton's elsewhere);
+# above, an int8 GEMM.
+MMA_MAX_M = 64
 FUSED_MAX_K = 8192  # the fused norm GEMV keeps a whole row in registers
 LAYOUT = "triton_w2a8"
 
@@ -422,6 +424,7 @@ def _int8_gemm_kernel(
     # Rows past the end read the last row again (no masks in the loop); their results are not stored.
     a_ptrs = a_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + tl.minimum(offs_n, NB - 1)[:, None].to(tl.int64) * Kp + offs_k[None, :]
+    _wait_for_previous_kernel()  # the unpacking of the weights
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for _ in range(0, Kp, BLOCK_K):
         acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc, out_dtype=tl.int32)
@@ -570,8 +573,8 @@ def w2a8_matmul(
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
     (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for one row, the CUDA mma kernel
-    for 2 to 32 rows on Hopper, Triton's tensor cores on weights unpacked in registers up to 64 rows (and
-    the GEMV up to 4 where the CUDA kernel cannot run), and unpacking plus an int8 GEMM above.
+    for 2 to 64 rows on Hopper (elsewhere the GEMV up to 4 rows and Triton's tensor cores on weights unpacked
+    in registers up to 64), and unpacking plus an int8 GEMM above.
     `config` overrides the block sizes of the Triton kernels (for tuning): see `_gemv_config`, `_mma_config`
     and `_gemm_config`."""
     m, kp = codes.shape
@@ -609,6 +612,8 @@ def w2a8_matmul(
         return out
     # Large M is bound by the tensor cores, not by the weight bytes: unpacking to int8 once per call
     # (4x the bytes, read back from L2 and memory) lets the GEMM feed the tensor cores straight from memory.
+    # (A GEMM that unpacks each weight tile in registers took 1.5x as long on the H200.) The GEMM starts
+    # while the unpacking ends and waits for it.
     block_m, block_n, block_k, warps, stages = config or _gemm_config(m)
     _check_block_k(block_k, kp)
     unpacked = torch.empty(4 * r, kp, dtype=torch.int8, device=codes.device)
@@ -617,6 +622,7 @@ def w2a8_matmul(
         codes, x_scale, unpacked, weight_scale, bias_arg, out, m, 4 * r, out_features, kp,
         codes.stride(0), out.stride(0), w_scale_stride, HAS_BIAS=bias is not None, INT_OUT=int_out,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages,
+        **_early_launch(codes.device),
     )
     return out
 

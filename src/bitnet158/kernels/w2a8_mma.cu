@@ -1,4 +1,4 @@
-// Ternary weights (2 bits) times int8 activations for 5 to 64 rows: int8 mma.sync fed straight from the
+// Ternary weights (2 bits) times int8 activations for 2 to 64 rows: int8 mma.sync fed straight from the
 // packed bytes in registers, with no shared-memory staging of the weights. Compiled at first use with
 // NVRTC (`kernels/gpu_mma.py`), so it includes no header.
 //
