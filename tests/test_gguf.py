@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 from gguf import quants as gguf_quants
 from tiny_tokenizer import write_tokenizer_folder
+from tokenizers import pre_tokenizers
 
 from bitnet158 import BitNetForCausalLM
 from bitnet158.errors import UserError
@@ -154,9 +155,12 @@ def test_ternary_bytes_follow_the_formats(packed, tokenizer, tmp_path: Path, ter
         GGUFReader(tmp_path / "model.gguf")
 
 
-def test_tokenizer_round_trip(packed, tokenizer, tmp_path: Path):
+@pytest.mark.parametrize(("llama3", "pre_name"), [(False, "gpt-2"), (True, "llama-bpe")])
+def test_tokenizer_round_trip(packed, tmp_path: Path, llama3: bool, pre_name: str):
+    tokenizer = Tokenizer.from_pretrained(write_tokenizer_folder(tmp_path / "tokenizer", llama3=llama3))
     save_gguf(packed, tokenizer, tmp_path / "model.gguf")
     fields = metadata(open_gguf(tmp_path / "model.gguf"), "model.gguf")
+    assert fields[Keys.Tokenizer.PRE] == pre_name
     from_json = load_gguf_tokenizer(tmp_path / "model.gguf")
     del fields[Keys.Tokenizer.HF_JSON]  # a file from another converter: rebuilt from tokens and merges
     from_merges = read_tokenizer(fields, tmp_path / "model.gguf")
@@ -166,6 +170,27 @@ def test_tokenizer_round_trip(packed, tokenizer, tmp_path: Path):
         for text in TEXTS:
             assert loaded.encode(text) == tokenizer.encode(text), text
             assert loaded.decode(loaded.encode(text, add_bos=False), skip_special_tokens=False) == text
+
+
+def test_pre_tokenizer_name_decides_how_a_file_from_elsewhere_splits(packed, tmp_path: Path):
+    tokenizer = Tokenizer.from_pretrained(write_tokenizer_folder(tmp_path / "tokenizer", llama3=True))
+    save_gguf(packed, tokenizer, tmp_path / "model.gguf")
+    fields = metadata(open_gguf(tmp_path / "model.gguf"), "model.gguf")
+    del fields[Keys.Tokenizer.HF_JSON]
+    text = "a million is 1000000"  # pieces 1 00 000 0 (Llama 3 cuts digits by threes), 1 00 00 00 (GPT-2)
+    assert read_tokenizer(fields, tmp_path / "model.gguf").encode(text) == tokenizer.encode(text)
+    fields[Keys.Tokenizer.PRE] = "gpt-2"
+    assert read_tokenizer(fields, tmp_path / "model.gguf").encode(text) != tokenizer.encode(text)
+    fields[Keys.Tokenizer.PRE] = "qwen2"
+    with pytest.raises(UserError, match="pre-tokenizer 'qwen2' is not supported"):
+        read_tokenizer(fields, tmp_path / "model.gguf")
+
+
+def test_pre_tokenizers_without_a_llama_cpp_name_are_refused(packed, tokenizer, tmp_path: Path):
+    tokenizer.tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(UserError, match="pre-tokenizer .*Metaspace.* cannot be written to GGUF"):
+        save_gguf(packed, tokenizer, tmp_path / "model.gguf")
+    assert not (tmp_path / "model.gguf").exists()
 
 
 def test_vocabulary_is_padded_to_the_model(make_model, tokenizer, tmp_path: Path):

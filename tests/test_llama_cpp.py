@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_tokenizer import write_tokenizer_folder
 
 from bitnet158 import BitNetForCausalLM
 from bitnet158.cli.model_loading import embedded_model_path
@@ -96,6 +97,18 @@ def test_relu2_model_runs_as_silu_in_llama_cpp(tmp_path: Path):
         layer.mlp.relu2 = False  # what llama.cpp computes
     as_silu = model(torch.tensor([ids]))[0].detach().numpy()
     assert np.abs(actual - as_silu).max() < 0.04 * np.abs(as_silu).max()
+
+
+@pytest.mark.parametrize("llama3", [False, True])
+def test_llama_cpp_tokenizes_like_us(make_model, tmp_path: Path, llama3: bool):
+    """GPT-2's pre-tokenizer (our models) and Llama 3's (Microsoft's 2B4T), by llama.cpp's own tokenizer."""
+    tokenizer = Tokenizer.from_pretrained(write_tokenizer_folder(tmp_path / "tokenizer", llama3=llama3))
+    model = make_model(vocab_size=400, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=True)
+    save_gguf(model, tokenizer, tmp_path / "model.gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), vocab_only=True, verbose=False)
+    for text in [*PROMPTS, "a million is 1000000, pi 3.14159", "DON'T SHOUT!!\n\n  ok", "naïve élève 🙂"]:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer.encode(text), text
 
 
 def test_llama_cpp_refuses_i2_s(tmp_path: Path):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from bitnet158.formats.gguf_tokenizer import LLAMA3_SPLIT
 
 BOS, EOT, EOS = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 
@@ -33,9 +35,14 @@ _SENTENCES = [
 CORPUS = [f"{sentence} {i}" for i in range(12) for sentence in _SENTENCES]
 
 
-def build_tokenizer() -> Tokenizer:
+def build_tokenizer(llama3: bool = False) -> Tokenizer:
+    """GPT-2's byte-level pre-tokenizer, or with `llama3` Llama 3's (as Microsoft's 2B4T has): its split
+    pattern, byte-level mapping without a regex, and whole pre-tokens found in the vocabulary kept as they are."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]) if llama3 else pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=[BOS, EOS, EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -46,13 +53,17 @@ def build_tokenizer() -> Tokenizer:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
     )
+    if llama3:
+        spec = json.loads(tokenizer.to_str())
+        spec["model"]["ignore_merges"] = True
+        tokenizer = Tokenizer.from_str(json.dumps(spec))
     return tokenizer
 
 
-def write_tokenizer_folder(folder: Path, **config_overrides) -> Path:
+def write_tokenizer_folder(folder: Path, llama3: bool = False, **config_overrides) -> Path:
     """`tokenizer.json` and a transformers-style `tokenizer_config.json` in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    build_tokenizer().save(str(folder / "tokenizer.json"))
+    build_tokenizer(llama3).save(str(folder / "tokenizer.json"))
     config = {
         "bos_token": {"__type": "AddedToken", "content": BOS, "lstrip": False, "normalized": False,
                       "rstrip": False, "single_word": False},

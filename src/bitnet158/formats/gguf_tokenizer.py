@@ -1,7 +1,9 @@
-"""Our byte-level BPE tokenizer as GGUF metadata (llama.cpp's `gpt2` tokenizer model) and back.
+"""Byte-level BPE tokenizers as GGUF metadata (llama.cpp's `gpt2` tokenizer model) and back.
 
-The whole `tokenizer.json` also goes into `tokenizer.huggingface.json`, so that reading a file we
-wrote gives back exactly the same tokenizer; files from elsewhere are rebuilt from tokens and merges.
+Two pre-tokenizers have a llama.cpp name: GPT-2's byte-level regex ("gpt-2", our embedded model) and
+Llama 3's split pattern followed by byte-level mapping ("llama-bpe", Microsoft's 2B4T). The whole
+`tokenizer.json` also goes into `tokenizer.huggingface.json`, so that reading a file we wrote gives back
+exactly the same tokenizer; files from elsewhere are rebuilt from tokens, merges and that name.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from bitnet158.errors import UserError
 from bitnet158.tokenizer import Tokenizer
 
 PAD_TOKEN = "<|gguf_pad_{}|>"
+# Llama 3's pre-tokenizer split, as its tokenizer.json spells it.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's names of the pre-tokenizers we read (a file without one gets llama.cpp's default, GPT-2's).
+GPT2_NAMES = {None, "default", "gpt-2"}
+LLAMA3_NAMES = {"llama-bpe", "llama3", "llama-v3"}
 
 
 def write_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
     """Add the tokenizer fields llama.cpp reads; the vocabulary is padded to the model's `vocab_size`."""
     spec = json.loads(tokenizer.tokenizer.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
-        raise UserError(f"{tokenizer.source}: only byte-level BPE tokenizers (GPT-2 style) can be written to GGUF")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"{tokenizer.source}: tokenizer model {model.get('type')!r} cannot be written to GGUF "
+                        "(only byte-level BPE)")
+    pre_name = _pre_tokenizer_name(spec.get("pre_tokenizer") or {}, tokenizer.source)
     by_id = {i: token for token, i in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items()}
     if sorted(by_id) != list(range(len(by_id))) or len(by_id) > vocab_size:
         raise UserError(f"{tokenizer.source}: token ids are not 0..{vocab_size - 1} without gaps")
@@ -43,7 +53,7 @@ def write_tokenizer(writer: GGUFWriter, tokenizer: Tokenizer, vocab_size: int, e
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
 
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -84,9 +94,25 @@ def read_tokenizer(fields: dict[str, Any], path: Path) -> Tokenizer:
     return Tokenizer(tok, config, source=str(path))
 
 
+def _pre_tokenizer_name(pre: dict[str, Any], source: str) -> str:
+    """llama.cpp's name for a `tokenizer.json` pre-tokenizer: "gpt-2" or "llama-bpe"."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": LLAMA3_SPLIT}
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        return "llama-bpe"
+    raise UserError(f"{source}: pre-tokenizer {json.dumps(pre)[:200]} cannot be written to GGUF (only GPT-2's "
+                    "byte-level regex and Llama 3's split have a llama.cpp name)")
+
+
 def _tokenizer_from_merges(fields: dict[str, Any], tokens: list[str], path: Path) -> tokenizers.Tokenizer:
     if fields.get(Keys.Tokenizer.MODEL) != "gpt2":
         raise UserError(f"{path}: tokenizer model {fields.get(Keys.Tokenizer.MODEL)!r} is not supported (only gpt2)")
+    pre_name = fields.get(Keys.Tokenizer.PRE)
+    if pre_name not in GPT2_NAMES | LLAMA3_NAMES:
+        raise UserError(f"{path}: pre-tokenizer {pre_name!r} is not supported (only gpt-2 and llama-bpe)")
     merges = fields.get(Keys.Tokenizer.MERGES) or []
     vocab = {t: i for i, t in enumerate(tokens)}
     # tokenizers panics (an exception that is not an Exception) on merges outside the vocabulary.
@@ -96,8 +122,15 @@ def _tokenizer_from_merges(fields: dict[str, Any], tokens: list[str], path: Path
             raise UserError(f"{path}: field '{Keys.Tokenizer.MERGES}' holds {merge!r}, not two tokens whose "
                             "concatenation is a token")
     types = fields.get(Keys.Tokenizer.TOKEN_TYPE) or []
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    llama3 = pre_name in LLAMA3_NAMES
+    # llama.cpp, like Llama 3's tokenizer.json, takes a whole pre-token that is in the vocabulary as is.
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.BPE(vocab, [tuple(m.split(" ")) for m in merges], ignore_merges=llama3))
+    pre = tokenizers.pre_tokenizers
+    tok.pre_tokenizer = pre.Sequence([
+        pre.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]) if llama3 else pre.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     control = [t for t, kind in zip(tokens, types, strict=False) if kind == TokenType.CONTROL]
     tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in control])
