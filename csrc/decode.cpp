@@ -75,11 +75,19 @@ using AxpyFn = void (*)(float alpha, const void* x, float* y, int64_t n);  // y 
 // values v_k = v + k * n, each element summed value by value, one FMA each (as axpy, value after value).
 using AttendFn = void (*)(const float* p, int64_t ldp, int64_t heads, const void* v, int64_t count, int64_t n,
                           float* out);
+// Attention scores: s[g * lds + k] = q_g . key_k for the `group` queries q_g = q + g * n and the `count` keys
+// key_k = keys + k * n. Each score is summed in an order that depends only on n, not on where the key is.
+using ScoresFn = void (*)(const float* q, int64_t group, const void* keys, int64_t count, int64_t n, float* s,
+                          int64_t lds);
+// s[g * lds + k] for k < count becomes softmax_k(scale * s[g * lds + k]), for each of the `group` rows.
+using SoftmaxFn = void (*)(float* s, int64_t group, int64_t lds, int64_t count, float scale);
 
 struct DotKernels {
   HeadFn head[2];    // kHeadRows rows for a batch, by DType
   RowsFn single[2];  // one row
   AttendFn attend[2];
+  ScoresFn scores[2];
+  SoftmaxFn softmax;
 };
 
 
@@ -133,10 +141,37 @@ void attend_by_axpy(const float* p, int64_t ldp, int64_t heads, const void* v, i
     for (int64_t g = 0; g < heads; ++g) Axpy(p[g * ldp + k], advance<T>(v, k * n), out + g * n, n);
 }
 
+// Scores through the lm_head's kernels: kHeadRows keys times all queries at a time, then the rest one by one.
+template <DType T, HeadFn Head, RowsFn Single>
+void scores_by_rows(const float* q, int64_t group, const void* keys, int64_t count, int64_t n, float* s, int64_t lds) {
+  int64_t k = 0;
+  for (; k + kHeadRows <= count; k += kHeadRows) {
+    const void* rows = advance<T>(keys, k * n);
+    Head(q, group, n, rows, rows, n, n, s + k, lds);
+  }
+  for (; k < count; ++k)
+    for (int64_t g = 0; g < group; ++g) {
+      const void* row = advance<T>(keys, k * n);
+      Single(q + g * n, row, row, 0, n, s + g * lds + k);
+    }
+}
+
+void softmax_portable(float* s, int64_t group, int64_t lds, int64_t count, float scale) {
+  for (int64_t g = 0; g < group; ++g, s += lds) {
+    float top = -INFINITY, total = 0;
+    for (int64_t k = 0; k < count; ++k) top = std::max(top, s[k] *= scale);
+    for (int64_t k = 0; k < count; ++k) total += s[k] = std::exp(s[k] - top);
+    for (int64_t k = 0; k < count; ++k) s[k] /= total;
+  }
+}
+
 constexpr DotKernels kPortable = {{head_by_input<rows_portable<kF32, kHeadRows>>,
                                    head_by_input<rows_portable<kBF16, kHeadRows>>},
                                   {rows_portable<kF32, 1>, rows_portable<kBF16, 1>},
-                                  {attend_by_axpy<kF32, axpy_portable<kF32>>, attend_by_axpy<kBF16, axpy_portable<kBF16>>}};
+                                  {attend_by_axpy<kF32, axpy_portable<kF32>>, attend_by_axpy<kBF16, axpy_portable<kBF16>>},
+                                  {scores_by_rows<kF32, head_by_input<rows_portable<kF32, kHeadRows>>, rows_portable<kF32, 1>>,
+                                   scores_by_rows<kBF16, head_by_input<rows_portable<kBF16, kHeadRows>>, rows_portable<kBF16, 1>>},
+                                  softmax_portable};
 
 #if defined(BITNET158_X86)
 // Per-ISA code is compiled for its instruction set inside these regions (as in kernels.cpp) and only
@@ -326,14 +361,132 @@ void attend_avx512(const float* p, int64_t ldp, int64_t heads, const void* v, in
       }
     }
 }
+
+// r[j] = the sum of the 16 lanes of a[j]: one vector of 16 sums from a tree of 15 shuffle-and-add steps,
+// where one horizontal sum each would take 16 (each a chain of 4).
+inline __m512 sum_lanes16(const __m512 (&a)[16]) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k)  // in each 128-bit block: pairs of lanes of a[2k] and a[2k + 1]
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // in each 128-bit block: the block's sums of a[4k .. 4k + 3]
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of one query against keys [begin, count), 16 keys at a time: 16 accumulators, each a chain over the
+// head's 16-wide chunks (the last one masked), summed by one tree.
+template <DType T>
+void query_scores_avx512(const float* q, const void* keys, int64_t begin, int64_t count, int64_t n, float* s) {
+  const int64_t chunks = (n + 15) / 16;
+  const __mmask16 last = n % 16 ? static_cast<__mmask16>((1u << (n % 16)) - 1) : 0xffff;
+  for (int64_t k0 = begin; k0 < count; k0 += 16) {
+    const int64_t block = std::min<int64_t>(16, count - k0);
+    __m512 acc[16];
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask16 mask = c == chunks - 1 ? last : 0xffff;
+      const __m512 qc = _mm512_maskz_loadu_ps(mask, q + 16 * c);
+      for (int j = 0; j < 16; ++j)
+        if (j < block) acc[j] = _mm512_fmadd_ps(qc, load16_masked<T>(keys, (k0 + j) * n + 16 * c, mask), acc[j]);
+    }
+    _mm512_mask_storeu_ps(s + k0, static_cast<__mmask16>((1u << block) - 1), sum_lanes16(acc));
+  }
+}
+
+// Blocks of 4 queries x 4 keys (each key read once for the 4 queries), the rest one query at a time. Every
+// score is the same chain over chunks and the same tree, wherever it is computed.
+template <DType T>
+void scores_avx512(const float* q, int64_t group, const void* keys, int64_t count, int64_t n, float* s, int64_t lds) {
+  const int64_t chunks = (n + 15) / 16;
+  const __mmask16 last = n % 16 ? static_cast<__mmask16>((1u << (n % 16)) - 1) : 0xffff;
+  int64_t g0 = 0;
+  for (; g0 + 4 <= group; g0 += 4) {
+    int64_t k0 = 0;
+    for (; k0 + 4 <= count; k0 += 4) {
+      __m512 acc[16];  // acc[4 g + i]: query g0 + g, key k0 + i
+      for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __mmask16 mask = c == chunks - 1 ? last : 0xffff;
+        __m512 qc[4];
+        for (int g = 0; g < 4; ++g) qc[g] = _mm512_maskz_loadu_ps(mask, q + (g0 + g) * n + 16 * c);
+        for (int i = 0; i < 4; ++i) {
+          const __m512 kc = load16_masked<T>(keys, (k0 + i) * n + 16 * c, mask);
+          for (int g = 0; g < 4; ++g) acc[4 * g + i] = _mm512_fmadd_ps(qc[g], kc, acc[4 * g + i]);
+        }
+      }
+      const __m512 sums = sum_lanes16(acc);
+      _mm_storeu_ps(s + g0 * lds + k0, _mm512_extractf32x4_ps(sums, 0));
+      _mm_storeu_ps(s + (g0 + 1) * lds + k0, _mm512_extractf32x4_ps(sums, 1));
+      _mm_storeu_ps(s + (g0 + 2) * lds + k0, _mm512_extractf32x4_ps(sums, 2));
+      _mm_storeu_ps(s + (g0 + 3) * lds + k0, _mm512_extractf32x4_ps(sums, 3));
+    }
+    for (int64_t g = g0; g < g0 + 4; ++g) query_scores_avx512<T>(q + g * n, keys, k0, count, n, s + g * lds);
+  }
+  for (; g0 < group; ++g0) query_scores_avx512<T>(q + g0 * n, keys, 0, count, n, s + g0 * lds);
+}
+
+// exp(x) for x <= 0 (Cephes' polynomial, within about 1 ulp): e^r * 2^n with |r| <= ln 2 / 2.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // below, exp is 0 in float32 (n stays small); NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: r stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+
+// The exponentials 16 at a time; their total in the portable kernel's order (one after another), since
+// summing them in another order changes greedy tokens near ties compared with the PyTorch path.
+void softmax_avx512(float* s, int64_t group, int64_t lds, int64_t count, float scale) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t g = 0; g < group; ++g, s += lds) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + k), factor);
+      _mm512_mask_storeu_ps(s + k, mask, x);
+      top = _mm512_mask_max_ps(top, mask, top, x);
+    }
+    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
+      _mm512_mask_storeu_ps(s + k, mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + k), shift)));
+    }
+    float total = 0;
+    for (int64_t k = 0; k < count; ++k) total += s[k];
+    const __m512 sum = _mm512_set1_ps(total);
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
+      _mm512_mask_storeu_ps(s + k, mask, _mm512_div_ps(_mm512_maskz_loadu_ps(mask, s + k), sum));
+    }
+  }
+}
 END_TARGET
 
 constexpr DotKernels kAvx2 = {{head_by_input<rows_avx2<kF32, kHeadRows>>, head_by_input<rows_avx2<kBF16, kHeadRows>>},
                               {rows_avx2<kF32, 1>, rows_avx2<kBF16, 1>},
-                              {attend_by_axpy<kF32, axpy_avx2<kF32>>, attend_by_axpy<kBF16, axpy_avx2<kBF16>>}};
+                              {attend_by_axpy<kF32, axpy_avx2<kF32>>, attend_by_axpy<kBF16, axpy_avx2<kBF16>>},
+                              {scores_by_rows<kF32, head_by_input<rows_avx2<kF32, kHeadRows>>, rows_avx2<kF32, 1>>,
+                               scores_by_rows<kBF16, head_by_input<rows_avx2<kBF16, kHeadRows>>, rows_avx2<kBF16, 1>>},
+                              softmax_portable};
 constexpr DotKernels kAvx512 = {{head_avx512<kF32>, head_avx512<kBF16>},
                                 {rows_avx512<kF32, 1>, rows_avx512<kBF16, 1>},
-                                {attend_avx512<kF32>, attend_avx512<kBF16>}};
+                                {attend_avx512<kF32>, attend_avx512<kBF16>},
+                                {scores_avx512<kF32>, scores_avx512<kBF16>},
+                                softmax_avx512};
 #endif
 
 // The kernels of the instruction set in use (BITNET158_CPU_ISA / set_isa may lower it at any time).
@@ -494,8 +647,8 @@ struct AttentionJob {
 };
 
 // Tasks [begin, end) of the batch's (row, key/value head) pairs. The query heads that share a key/value
-// head go together: the lm_head's kernels multiply 4 keys at a time by all of them, and each value is
-// read once for all of them. Every score and output is summed in the order of a head on its own.
+// head go together: their keys stay in cache while the group's scores are taken, and each value is read
+// once for all of them. Every score and output is summed in the order of a head on its own.
 void attention_rows(void* p, int64_t begin, int64_t end, int thread) {
   auto& j = *static_cast<AttentionJob*>(p);
   Decoder& d = *j.d;
@@ -511,27 +664,14 @@ void attention_rows(void* p, int64_t begin, int64_t end, int thread) {
     const float* q = d.qkv.data() + b * qkv_size + kv_head * group * hd;  // the group's query heads
     const int64_t base = kv_index(*j.kv, d, j.layer, place, kv_head, 0);
     // Visible: the sequence's own keys from its first real token up to the new one (a pad query sees itself).
-    int64_t key = place.first;
-    for (; key + kHeadRows <= place.length + 1; key += kHeadRows) {
-      const void* rows = offset(j.kv->keys, dtype, base + key * hd);
-      k.head[dtype](q, group, hd, rows, rows, hd, hd, scores + key, max_len);
-    }
-    for (; key <= place.length; ++key)
-      for (int64_t g = 0; g < group; ++g) {
-        const void* row = offset(j.kv->keys, dtype, base + key * hd);
-        k.single[dtype](q + g * hd, row, row, 0, hd, scores + g * max_len + key);
-      }
+    const int64_t count = place.length + 1 - place.first;
+    k.scores[dtype](q, group, offset(j.kv->keys, dtype, base + place.first * hd), count, hd, scores + place.first,
+                    max_len);
+    k.softmax(scores + place.first, group, max_len, count, scale);
     float* out = d.attn.data() + b * q_size + kv_head * group * hd;
     std::fill(out, out + group * hd, 0.0f);
-    for (int64_t g = 0; g < group; ++g) {  // softmax
-      float* s = scores + g * max_len;
-      float top = -INFINITY, total = 0;
-      for (key = place.first; key <= place.length; ++key) top = std::max(top, s[key] *= scale);
-      for (key = place.first; key <= place.length; ++key) total += s[key] = std::exp(s[key] - top);
-      for (key = place.first; key <= place.length; ++key) s[key] /= total;
-    }
     k.attend[dtype](scores + place.first, max_len, group, offset(j.kv->values, dtype, base + place.first * hd),
-                    place.length + 1 - place.first, hd, out);
+                    count, hd, out);
   }
 }
 
