@@ -452,26 +452,24 @@ inline __m512 exp_nonpositive(__m512 x) {
 // summing them in another order changes greedy tokens near ties compared with the PyTorch path.
 void softmax_avx512(float* s, int64_t group, int64_t lds, int64_t count, float scale) {
   const __m512 factor = _mm512_set1_ps(scale);
+  auto lanes = [count](int64_t k) {  // the keys of the block at k
+    return count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : static_cast<__mmask16>(0xffff);
+  };
   for (int64_t g = 0; g < group; ++g, s += lds) {
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t k = 0; k < count; k += 16) {
-      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
-      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + k), factor);
-      _mm512_mask_storeu_ps(s + k, mask, x);
-      top = _mm512_mask_max_ps(top, mask, top, x);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), factor);
+      _mm512_mask_storeu_ps(s + k, lanes(k), x);
+      top = _mm512_mask_max_ps(top, lanes(k), top, x);
     }
     const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    for (int64_t k = 0; k < count; k += 16) {
-      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
-      _mm512_mask_storeu_ps(s + k, mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + k), shift)));
-    }
+    for (int64_t k = 0; k < count; k += 16)
+      _mm512_mask_storeu_ps(s + k, lanes(k), exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), shift)));
     float total = 0;
     for (int64_t k = 0; k < count; ++k) total += s[k];
     const __m512 sum = _mm512_set1_ps(total);
-    for (int64_t k = 0; k < count; k += 16) {
-      const __mmask16 mask = count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : 0xffff;
-      _mm512_mask_storeu_ps(s + k, mask, _mm512_div_ps(_mm512_maskz_loadu_ps(mask, s + k), sum));
-    }
+    for (int64_t k = 0; k < count; k += 16)
+      _mm512_mask_storeu_ps(s + k, lanes(k), _mm512_div_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), sum));
   }
 }
 END_TARGET
