@@ -19,6 +19,16 @@ from bitnet158.formats.ternary_blocks import I2_S, nbytes, row_multiple
 
 
 class _Reader(GGUFReader):
+    # gguf's reader slices its np.memmap once or twice per metadata item (a 128k-token vocabulary: hundreds of
+    # thousands of slices), and slicing a memmap runs Python code each time; a plain view of the same map does not.
+    @property
+    def data(self) -> np.ndarray:
+        return self._map
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._map = value.view(np.ndarray)
+
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
         # gguf walks an array item by item, and items past the end of the file read as empty without
         # advancing: an absurd count would loop (and grow lists) for ever. Each item takes a byte at least.
