@@ -19,6 +19,7 @@ from bitnet158.formats.gguf_export import save_gguf
 from bitnet158.formats.gguf_file import metadata, open_gguf
 from bitnet158.formats.gguf_import import load_gguf_tokenizer
 from bitnet158.formats.gguf_tokenizer import read_tokenizer
+from bitnet158.formats.ternary_blocks import decode_rows
 from bitnet158.nn import freeze_
 from bitnet158.nn.bitlinear import PackedBitLinear
 from bitnet158.packing import unpack_2bit
@@ -153,6 +154,21 @@ def test_ternary_bytes_follow_the_formats(packed, tokenizer, tmp_path: Path, ter
     assert not data[flat.size // 4 + 4 :].any()
     with pytest.raises(ValueError):  # gguf's own reader (like upstream llama.cpp) does not know type 36
         GGUFReader(tmp_path / "model.gguf")
+
+
+def test_tq2_0_codes_are_what_gguf_decodes():
+    """TQ2_0 rows read as integers give gguf's own dequantized values divided by each block's d."""
+    rng = np.random.default_rng(0)
+    rows, cols = 7, 512
+    fields = rng.integers(0, 3, size=(rows * cols // 256, 2, 4, 32), dtype=np.uint8)  # value 128 g + 32 i + j
+    fields[3] = 1  # a block of zeros
+    qs = (fields << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).sum(axis=2, dtype=np.uint8)
+    d = rng.uniform(0.5, 2, size=(len(fields), 1)).astype("<f2")
+    blocks = np.concatenate([qs.reshape(len(fields), 64), d.view(np.uint8)], axis=1)
+    codes, scales = decode_rows(blocks.reshape(-1), GGMLQuantizationType.TQ2_0, rows, cols)
+    expected = gguf_quants.TQ2_0.dequantize_blocks(blocks) / d.astype(np.float32)
+    assert np.array_equal(codes.reshape(-1, 256).astype(np.float32), expected)
+    assert scales == {float(x) for i, x in enumerate(d.reshape(-1)) if i != 3}
 
 
 @pytest.mark.parametrize(("llama3", "pre_name"), [(False, "gpt-2"), (True, "llama-bpe")])

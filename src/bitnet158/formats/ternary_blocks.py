@@ -2,7 +2,8 @@
 
 - TQ2_0 (35) and TQ1_0 (34), upstream llama.cpp: 256-value blocks along each row, each ending in an
   fp16 `d`. We store our exact codes with `d = 1` and put the per-tensor scale in `<name>.scale`
-  (llama.cpp multiplies each linear's output by it). gguf.quants does the bit layout.
+  (llama.cpp multiplies each linear's output by it). gguf.quants writes both and reads TQ1_0; TQ2_0's
+  2-bit fields are read here, as integers.
 - I2_S (36), bitnet.cpp only: the whole tensor, row-major, in 128-value blocks of 32 bytes; value
   `j` of a block sits in byte `j % 32` at shift `6 - 2 * (j // 32)`, stored as `t + 1`. After the
   packed data a 32-byte tail whose first 4 bytes are the fp32 per-tensor scale (bitnet.cpp's
@@ -71,19 +72,31 @@ def decode_rows(data: np.ndarray, qtype: int, rows: int, cols: int) -> tuple[np.
         raise BlockError(f"holds {data.size} bytes for {rows} rows of {cols}, expected whole "
                          f"{row_multiple(qtype)}-value blocks in {rows * row_nbytes(qtype, cols)} bytes")
     if qtype == I2_S:
-        stored = (data.reshape(-1, 1, 32) >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3
-        if (stored == 3).any():
-            raise BlockError("holds the 2-bit value 3, which is not a ternary code")
-        return (stored.astype(np.int8) - 1).reshape(rows, cols), set()
+        return _codes(data, (6, 4, 2, 0)).reshape(rows, cols), set()
     qtype = GGMLQuantizationType(qtype)
-    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1]).copy()
+    blocks = data.reshape(-1, GGML_QUANT_SIZES[qtype][1])
     d = blocks[:, -2:].copy().view("<f2").reshape(-1)
-    blocks[:, -2:] = np.array([1.0], dtype="<f2").view(np.uint8)  # d = 1: the values are the codes
-    # All blocks at once: gguf's row-by-row `dequantize` is many times slower.
-    values = BLOCK_CODECS[qtype].dequantize_blocks(blocks)
-    if ((values != -1) & (values != 0) & (values != 1)).any():
-        raise BlockError("holds a value that is not a ternary code")
-    return values.astype(np.int8).reshape(rows, cols), {float(x) for x in np.unique(d[values.any(axis=1)])}
+    if qtype == GGMLQuantizationType.TQ2_0:  # its 2-bit fields are the codes + 1: no floats needed
+        codes = _codes(blocks[:, :-2], (0, 2, 4, 6))
+    else:
+        blocks = blocks.copy()
+        blocks[:, -2:] = np.array([1.0], dtype="<f2").view(np.uint8)  # d = 1: the values are the codes
+        # All blocks at once: gguf's row-by-row `dequantize` is many times slower.
+        values = BLOCK_CODECS[qtype].dequantize_blocks(blocks)
+        if ((values != -1) & (values != 0) & (values != 1)).any():
+            raise BlockError("holds a value that is not a ternary code")
+        codes = values.astype(np.int8)
+    codes = codes.reshape(-1, row_multiple(qtype))
+    return codes.reshape(rows, cols), {float(x) for x in np.unique(d[codes.any(axis=1)])}
+
+
+def _codes(packed: np.ndarray, shifts: tuple[int, int, int, int]) -> np.ndarray:
+    """int8 codes from bytes of 2-bit fields `t + 1`, 32 bytes at a time: value 32 i + j of each 128 is the
+    field of byte j at `shifts[i]` (I2_S's blocks, and each half of a TQ2_0 block)."""
+    stored = (packed.reshape(-1, 1, 32) >> np.array(shifts, dtype=np.uint8).reshape(1, 4, 1)) & 3
+    if (stored == 3).any():
+        raise BlockError("holds the 2-bit value 3, which is not a ternary code")
+    return stored.astype(np.int8) - 1
 
 
 def i2_s_scale(tail: np.ndarray) -> float:
