@@ -189,11 +189,8 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             scale = torch.rand(n, device="cuda") + 0.5
             codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            # The planned token tile, and half of it (two blocks of tokens); more loads in flight where they fit.
-            planned = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
-            tiles = [t for t in gpu_mma.TOKEN_TILES if planned // 2 <= t <= planned and 2 * t >= m]
-            configs = [(tokens, splits, depth) for tokens in tiles for splits in range(1, 9)
-                       for depth in range(1, (2 if tokens >= 32 else gpu_mma.MAX_DEPTH) + 1)]
+            tokens = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
+            configs = [(tokens, splits, depth) for splits in range(1, 9) for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
             _report(f"sweep CUDA M={m} {name}",
                     [(_time_cuda(codes, x_scale, sums, weights, scale, out, c), c) for c in configs])
             del weights
