@@ -91,13 +91,16 @@ def test_falls_back_where_it_does_not_apply(model):
             cpu_decode.decode_step(model, torch.tensor([[model.config.vocab_size]]), cache)
 
 
-@pytest.fixture(params=["embedded", "odd-heads"])
+@pytest.fixture(params=["embedded", "odd-heads", "odd-head-dim"])
 def slot_model(request, model, make_model) -> BitNetForCausalLM:
-    """The embedded model, and a tiny packed one whose attention leaves remainders in the kernels' blocks of
-    4 query heads and 64 head dimensions (5 query heads per key/value head, head_dim 80)."""
+    """The embedded model, and tiny packed ones whose attention leaves remainders in the kernels' blocks of
+    4 query heads, 64 head dimensions and 16-wide vectors (5 query heads per key/value head and head_dim 80;
+    3 and head_dim 40)."""
     if request.param == "embedded":
         return model
-    return freeze_(make_model(num_attention_heads=10, num_key_value_heads=2, head_dim=80))
+    if request.param == "odd-heads":
+        return freeze_(make_model(num_attention_heads=10, num_key_value_heads=2, head_dim=80))
+    return freeze_(make_model(num_attention_heads=6, num_key_value_heads=2, head_dim=40))
 
 
 def _ids(model: BitNetForCausalLM, tokens: list[int]) -> list[int]:
