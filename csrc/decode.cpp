@@ -250,6 +250,11 @@ inline __m512 load16(const void* b, int64_t i) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// The first min(count, 16) lanes.
+inline __mmask16 lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+}
+
 // The first `count` (< 16) elements from i, zeros after: the tail without a scalar loop.
 template <DType T>
 inline __m512 load16_masked(const void* b, int64_t i, __mmask16 mask) {
@@ -291,7 +296,7 @@ void rows_avx512_batch(const float* x, int64_t ldx, const void* b, const void* a
       for (int i = 0; i < B; ++i) acc[i][r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * ldx + k), w, acc[i][r][0]);
     }
   if (k < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - k)) - 1);
+    const __mmask16 mask = lanes(n - k);
     for (int r = 0; r < R; ++r) {
       const __m512 w = load16_masked<T>(row[r], k, mask);
       for (int i = 0; i < B; ++i)
@@ -323,7 +328,7 @@ void axpy_avx512(float alpha, const void* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16<T>(x, i), _mm512_loadu_ps(y + i)));
   if (i < n) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 mask = lanes(n - i);
     const __m512 y0 = _mm512_maskz_loadu_ps(mask, y + i);
     _mm512_mask_storeu_ps(y + i, mask, _mm512_fmadd_ps(va, load16_masked<T>(x, i, mask), y0));
   }
@@ -384,18 +389,17 @@ inline __m512 sum_lanes16(const __m512 (&a)[16]) {
 template <DType T>
 void query_scores_avx512(const float* q, const void* keys, int64_t begin, int64_t count, int64_t n, float* s) {
   const int64_t chunks = (n + 15) / 16;
-  const __mmask16 last = n % 16 ? static_cast<__mmask16>((1u << (n % 16)) - 1) : 0xffff;
   for (int64_t k0 = begin; k0 < count; k0 += 16) {
     const int64_t block = std::min<int64_t>(16, count - k0);
     __m512 acc[16];
     for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const __mmask16 mask = c == chunks - 1 ? last : 0xffff;
+      const __mmask16 mask = lanes(n - 16 * c);
       const __m512 qc = _mm512_maskz_loadu_ps(mask, q + 16 * c);
       for (int j = 0; j < 16; ++j)
         if (j < block) acc[j] = _mm512_fmadd_ps(qc, load16_masked<T>(keys, (k0 + j) * n + 16 * c, mask), acc[j]);
     }
-    _mm512_mask_storeu_ps(s + k0, static_cast<__mmask16>((1u << block) - 1), sum_lanes16(acc));
+    _mm512_mask_storeu_ps(s + k0, lanes(block), sum_lanes16(acc));
   }
 }
 
@@ -404,7 +408,6 @@ void query_scores_avx512(const float* q, const void* keys, int64_t begin, int64_
 template <DType T>
 void scores_avx512(const float* q, int64_t group, const void* keys, int64_t count, int64_t n, float* s, int64_t lds) {
   const int64_t chunks = (n + 15) / 16;
-  const __mmask16 last = n % 16 ? static_cast<__mmask16>((1u << (n % 16)) - 1) : 0xffff;
   int64_t g0 = 0;
   for (; g0 + 4 <= group; g0 += 4) {
     int64_t k0 = 0;
@@ -412,7 +415,7 @@ void scores_avx512(const float* q, int64_t group, const void* keys, int64_t coun
       __m512 acc[16];  // acc[4 g + i]: query g0 + g, key k0 + i
       for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
       for (int64_t c = 0; c < chunks; ++c) {
-        const __mmask16 mask = c == chunks - 1 ? last : 0xffff;
+        const __mmask16 mask = lanes(n - 16 * c);
         __m512 qc[4];
         for (int g = 0; g < 4; ++g) qc[g] = _mm512_maskz_loadu_ps(mask, q + (g0 + g) * n + 16 * c);
         for (int i = 0; i < 4; ++i) {
@@ -452,24 +455,26 @@ inline __m512 exp_nonpositive(__m512 x) {
 // summing them in another order changes greedy tokens near ties compared with the PyTorch path.
 void softmax_avx512(float* s, int64_t group, int64_t lds, int64_t count, float scale) {
   const __m512 factor = _mm512_set1_ps(scale);
-  auto lanes = [count](int64_t k) {  // the keys of the block at k
-    return count - k < 16 ? static_cast<__mmask16>((1u << (count - k)) - 1) : static_cast<__mmask16>(0xffff);
-  };
   for (int64_t g = 0; g < group; ++g, s += lds) {
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t k = 0; k < count; k += 16) {
-      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), factor);
-      _mm512_mask_storeu_ps(s + k, lanes(k), x);
-      top = _mm512_mask_max_ps(top, lanes(k), top, x);
+      const __mmask16 mask = lanes(count - k);
+      const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + k), factor);
+      _mm512_mask_storeu_ps(s + k, mask, x);
+      top = _mm512_mask_max_ps(top, mask, top, x);
     }
     const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    for (int64_t k = 0; k < count; k += 16)
-      _mm512_mask_storeu_ps(s + k, lanes(k), exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), shift)));
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = lanes(count - k);
+      _mm512_mask_storeu_ps(s + k, mask, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + k), shift)));
+    }
     float total = 0;
     for (int64_t k = 0; k < count; ++k) total += s[k];
     const __m512 sum = _mm512_set1_ps(total);
-    for (int64_t k = 0; k < count; k += 16)
-      _mm512_mask_storeu_ps(s + k, lanes(k), _mm512_div_ps(_mm512_maskz_loadu_ps(lanes(k), s + k), sum));
+    for (int64_t k = 0; k < count; k += 16) {
+      const __mmask16 mask = lanes(count - k);
+      _mm512_mask_storeu_ps(s + k, mask, _mm512_div_ps(_mm512_maskz_loadu_ps(mask, s + k), sum));
+    }
   }
 }
 END_TARGET
