@@ -4,6 +4,8 @@ CUDA."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from test_serve_scheduler import _request, _serve, check_overlapped_engine
@@ -119,3 +121,22 @@ def test_sampling_draws_what_multinomial_draws_on_the_gpu():
         assert torch.equal(sample(logits, ours), torch.multinomial(logits.softmax(-1), 1, generator=theirs)[:, 0])
         assert torch.equal(torch.rand(4, device="cuda", generator=ours),
                            torch.rand(4, device="cuda", generator=theirs))
+
+
+@torch.inference_mode()
+def test_no_garbage_collection_inside_a_capture(monkeypatch):
+    """The cyclic garbage collector is off while a graph is captured: a dropped engine (a reference cycle through
+    its thread) holds CUDA graphs and pinned memory, and freeing those inside a capture invalidates it ("operation
+    failed due to a previous error during capture", seen with several engines in one process)."""
+    collecting = []
+    enter = torch.cuda.graph.__enter__
+
+    def recording_enter(self):
+        enter(self)
+        collecting.append(gc.isenabled())
+
+    monkeypatch.setattr(torch.cuda.graph, "__enter__", recording_enter)
+    model, _ = _model(torch.bfloat16)
+    assert gc.isenabled()
+    ModelRunner(model, 4)
+    assert collecting == [False] * 3 and gc.isenabled()  # buckets of 1, 2 and 4 rows

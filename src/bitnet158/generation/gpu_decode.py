@@ -23,6 +23,8 @@ Models with dense `nn.Linear` layers (for comparisons) run the same step with cu
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,8 +186,16 @@ def _capture(step, undo: torch.Tensor | None, pool=None) -> tuple[torch.cuda.CUD
                 undo.copy_(saved)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step()
+    # No cyclic garbage collection inside the capture: garbage holding CUDA objects (a dropped server engine's
+    # graphs) must not be freed while a stream captures, which invalidates the capture.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = step()
+    finally:
+        if collecting:
+            gc.enable()
     return graph, out
 
 
