@@ -5,6 +5,7 @@ JSON with aggregate tokens/s, time to first token (TTFT) and inter-token latency
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 1,32 --out serve_load.json
 
 Each client sends `--requests` streaming requests one after another (greedy, `--max-tokens` each).
+`--prompt-tokens N` puts about N tokens of code before each prompt, to measure long prompts' TTFT.
 TTFT runs from sending a request to its first text; ITL is the gap between consecutive text chunks of
 one stream (one chunk per token, except where text is held back at a possible stop string or a split
 UTF-8 character).
@@ -24,11 +25,16 @@ PROMPTS = ["import os\n", "class Stack:\n", "def main():\n", "from typing import
            "# Copyright", "def __init__(self", "if __name__ == '__main__':\n", "try:\n    import", "with open("]
 
 
+# Filler for long prompts: 36 tokens with the embedded model's tokenizer (the summary reports the real counts).
+FILLER = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n\n"
+
+
 @dataclass
 class Stream:
     ttft: float
     gaps: list[float]
     tokens: int
+    prompt_tokens: int
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Run:
         return {
             "clients": self.clients,
             "requests": len(self.streams),
+            "prompt_tokens_mean": round(sum(s.prompt_tokens for s in self.streams) / len(self.streams), 1),
             "tokens": tokens,
             "wall_s": round(self.wall, 3),
             "aggregate_tokens_per_s": round(tokens / self.wall, 2),
@@ -68,7 +75,7 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     arrivals: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -77,20 +84,22 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
             chunk = json.loads(line[len("data: "):])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                prompt_tokens = chunk["usage"]["prompt_tokens"]
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 arrivals.append(time.perf_counter())
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    return Stream(ttft=arrivals[0] - sent if arrivals else float("nan"), gaps=gaps, tokens=tokens)
+    return Stream(ttft=arrivals[0] - sent if arrivals else float("nan"), gaps=gaps, tokens=tokens,
+                  prompt_tokens=prompt_tokens)
 
 
-async def run(url: str, headers: dict[str, str], clients: int, requests: int, max_tokens: int) -> Run:
+async def run(url: str, headers: dict[str, str], clients: int, requests: int, max_tokens: int, prefix: str) -> Run:
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         await one_stream(client, model, PROMPTS[0], 4)  # warm-up
 
         async def client_loop(index: int) -> list[Stream]:
-            return [await one_stream(client, model, PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
+            return [await one_stream(client, model, prefix + PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
                     for r in range(requests)]
 
         started = time.perf_counter()
@@ -106,14 +115,16 @@ def main() -> None:
     parser.add_argument("--clients", default="1,32", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="tokens of code before each prompt")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--out", default="serve_load.json", help="where to write the JSON results")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    prefix = FILLER * round(args.prompt_tokens / 36)
 
     rows = []
     for clients in (int(c) for c in args.clients.split(",")):
-        rows.append(asyncio.run(run(args.url, headers, clients, args.requests, args.max_tokens)).summary())
+        rows.append(asyncio.run(run(args.url, headers, clients, args.requests, args.max_tokens, prefix)).summary())
     columns = list(rows[0])
     print(" | ".join(f"{c:>22}" for c in columns))
     for row in rows:
@@ -126,7 +137,7 @@ def main() -> None:
                   f"ITL p99 x{row['itl_p99_ms'] / base['itl_p99_ms']:.2f}")
     with open(args.out, "w") as file:
         json.dump({"url": args.url, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
-                   "runs": rows}, file, indent=2)
+                   "prompt_tokens": args.prompt_tokens, "runs": rows}, file, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """The server's CUDA path: graph-captured steps over the slot cache (`SlotDecoder`), one token per request and
-step, prompts included, each step launched before the host handles the previous one's tokens. Skipped without
-CUDA."""
+step (short prompts too; long ones have all but their last token prefilled through the model's forward, one request
+per call), each step launched before the host handles the previous one's tokens. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_serve_scheduler import _request, _serve, check_overlapped_engine
 from bitnet158 import BitNetForCausalLM
 from bitnet158.cli.model_loading import embedded_model_path
 from bitnet158.generation.sampling import SamplingParams, make_generator, sample
-from bitnet158.serve.runner import ModelRunner
+from bitnet158.serve.runner import LONG_PROMPT, ModelRunner
 from bitnet158.serve.scheduler import Scheduler
 from bitnet158.tokenizer import Tokenizer
 
@@ -37,15 +37,17 @@ def _model(dtype: torch.dtype) -> tuple[BitNetForCausalLM, list[list[int]]]:
 
 @torch.inference_mode()
 def test_graph_steps_match_the_model_forward():
-    """Prompts of 2 to 80 tokens decoding together: each request's logits are those of the model's ordinary
-    forward over its prompt and tokens (float32), and so are its greedy tokens where the top two logits are apart.
+    """Prompts of 2 to 80 tokens decoding together (the longest prefilled through the forward, the others a token
+    per step): each request's logits are those of the model's ordinary forward over its prompt and tokens
+    (float32), and so are its greedy tokens where the top two logits are apart.
 
-    The prompt goes through the graph one token at a time, its norm summed in another order than torch's, so an
-    activation code may move by one step early on and shift all later logits by a little (not float32 rounding)."""
+    The graph step sums the norm in another order than torch's, so an activation code may move by one step and
+    shift all later logits by a little (not float32 rounding)."""
     model, prompts = _model(torch.float32)
     runner = ModelRunner(model, 4)
-    assert runner.prompt_chunk == 1 and runner.decoder is not None
-    assert max(len(p) for p in prompts) > 64  # past the first split of the attention (64 positions)
+    assert runner.prompt_chunk(LONG_PROMPT) == 1 and runner.prompt_chunk(LONG_PROMPT + 1) is None
+    assert runner.decoder is not None
+    assert max(len(p) for p in prompts) > LONG_PROMPT >= 64  # past the first split of the attention (64 positions)
     served = _serve(model, {0: prompts[:3], 2: prompts[3:]}, budget=512)
     for prompt, (tokens, logits) in zip(prompts, served, strict=True):
         ids = torch.tensor([prompt + tokens], device="cuda")
@@ -88,12 +90,13 @@ def test_overlapped_engine_gives_the_lone_tokens(slots: int):
 
 @torch.inference_mode()
 def test_a_step_and_its_sampling_do_not_wait_for_the_gpu():
-    """Launching a step and sampling its tokens (greedy, seeded top-p, logprobs) never synchronises with the GPU,
-    which is what lets the host work while the GPU computes; the tokens come back through pinned memory."""
+    """Launching a step, its prompts' prefill included, and sampling its tokens (greedy, seeded top-p, logprobs)
+    never synchronises with the GPU, which is what lets the host work while the GPU computes; the tokens come back
+    through pinned memory."""
     model, prompts = _model(torch.bfloat16)
     runner = ModelRunner(model, 4)
     scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=128)
-    requests = [_request(prompts[0][:2], 8), _request(prompts[1][:1], 8), _request(prompts[2][:3], 8)]
+    requests = [_request(prompts[0][:2], 8), _request(prompts[1][:1], 8), _request(prompts[5], 8)]
     requests[1].params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
     requests[2].top_logprobs = 2
     for request in requests:
@@ -106,7 +109,8 @@ def test_a_step_and_its_sampling_do_not_wait_for_the_gpu():
             steps.append(runner.sample(*runner.step(scheduler.admit(runner.prompt_chunk), decoding)))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert [len(step.requests) for step in steps] == [1, 2, 3, 3, 3]  # prompts of 1, 2 and 3 tokens
+    assert len(prompts[5]) > LONG_PROMPT
+    assert [len(step.requests) for step in steps] == [2, 3, 3, 3, 3]  # the long prompt whole, the others by token
     assert all(step.tokens.is_pinned() for step in steps)
     results = steps[-1].results()
     assert results[0][1] is None and results[1][1] is None

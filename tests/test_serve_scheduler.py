@@ -1,4 +1,4 @@
-"""The serving scheduler's prompt budget (whole prompts, or chunks on the native CPU path and CUDA), and the
+"""The serving scheduler's prompt budget (whole prompts, chunks, or both by prompt length), and the
 engine's promise that chunking, batching and overlapping steps do not change a request's tokens."""
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ def _chunks(work: list[tuple[Request, list[int]]]) -> list[tuple[int, list[int]]
     return [(request.slot, chunk) for request, chunk in work]
 
 
+def _whole(length: int) -> None:
+    return None
+
+
 def test_whole_prompts_within_the_budget_and_at_least_one():
     scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=10)
     first, second, third, huge = _request([1] * 6), _request([2] * 6), _request([3] * 3), _request([4] * 15)
     for request in (first, second, third, huge):
         scheduler.submit(request)
-    assert _chunks(scheduler.admit(None)) == [(0, [1] * 6)]  # the second does not fit beside it
-    assert _chunks(scheduler.admit(None)) == [(1, [2] * 6), (2, [3] * 3)]
-    assert _chunks(scheduler.admit(None)) == [(3, [4] * 15)]  # alone, past the budget
+    assert _chunks(scheduler.admit(_whole)) == [(0, [1] * 6)]  # the second does not fit beside it
+    assert _chunks(scheduler.admit(_whole)) == [(1, [2] * 6), (2, [3] * 3)]
+    assert _chunks(scheduler.admit(_whole)) == [(3, [4] * 15)]  # alone, past the budget
     assert scheduler.decoding() == []  # nothing sampled yet
     first.sampled = 1
     assert scheduler.decoding() == [first]
@@ -46,24 +50,29 @@ def test_chunked_prompts_share_the_budget_oldest_first():
     first, second, third = _request([1, 2, 3, 4, 5, 6]), _request([7, 8, 9]), _request([10])
     for request in (first, second, third):
         scheduler.submit(request)
-    assert _chunks(scheduler.admit(100)) == [(0, [1, 2, 3, 4])]
-    assert _chunks(scheduler.admit(100)) == [(0, [5, 6]), (1, [7, 8])]
-    assert _chunks(scheduler.admit(100)) == [(1, [9])]
-    assert scheduler.admit(100) == [] and scheduler.counts() == (2, 1)  # no free slot for the third
+    assert _chunks(scheduler.admit(lambda n: 100)) == [(0, [1, 2, 3, 4])]
+    assert _chunks(scheduler.admit(lambda n: 100)) == [(0, [5, 6]), (1, [7, 8])]
+    assert _chunks(scheduler.admit(lambda n: 100)) == [(1, [9])]
+    assert scheduler.admit(lambda n: 100) == [] and scheduler.counts() == (2, 1)  # no free slot for the third
     scheduler.retire(first)
-    assert _chunks(scheduler.admit(100)) == [(0, [10])]
+    assert _chunks(scheduler.admit(lambda n: 100)) == [(0, [10])]
 
 
-def test_one_token_per_prompt_and_step():
-    """The CUDA graph step takes one token of each prompt per step; the budget still bounds the step."""
-    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=2)
-    first, second, third = _request([1, 2, 3]), _request([4, 5]), _request([6])
-    for request in (first, second, third):
+def test_short_prompts_a_token_per_step_long_ones_whole():
+    """CUDA's rule: prompts of at most 3 tokens here go one token per step (graph rows), longer ones whole; both
+    within the budget, a long one first in its step even past it."""
+    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=6)
+    short, long, other, longer = _request([1, 2]), _request([3] * 5), _request([4]), _request([5] * 8)
+    for request in (short, long, other, longer):
         scheduler.submit(request)
-    assert _chunks(scheduler.admit(1)) == [(0, [1]), (1, [4])]
-    assert _chunks(scheduler.admit(1)) == [(0, [2]), (1, [5])]
-    assert _chunks(scheduler.admit(1)) == [(0, [3]), (2, [6])]
-    assert scheduler.admit(1) == []
+
+    def chunk(length: int) -> int | None:
+        return None if length > 3 else 1
+
+    assert _chunks(scheduler.admit(chunk)) == [(0, [1]), (1, [3] * 5)]  # 6 tokens: the budget
+    assert _chunks(scheduler.admit(chunk)) == [(0, [2]), (2, [4])]  # the 8-token prompt does not fit beside them
+    assert _chunks(scheduler.admit(chunk)) == [(3, [5] * 8)]
+    assert scheduler.admit(chunk) == []
 
 
 def _serve(
@@ -188,7 +197,7 @@ def test_chunked_batched_requests_get_their_lone_tokens(embedded):
     requests' chunks and decoding, get exactly the tokens and logits they get alone with whole prompts."""
     model, tokenizer = embedded
     prompts = [tokenizer.encode(text) for text in ("import os\n", "class Stack:\n    def", "def main():", "# C")]
-    assert ModelRunner(model, 1).prompt_chunk == model.config.max_position_embeddings
+    assert ModelRunner(model, 1).prompt_chunk(1000) == model.config.max_position_embeddings
     alone = [_serve(model, {0: [prompt]}, budget=512)[0] for prompt in prompts]
     together = _serve(model, {0: prompts[:2], 2: prompts[2:3], 3: prompts[3:]}, budget=3)
     for (tokens, logits), (lone_tokens, lone_logits) in zip(together, alone, strict=True):
@@ -203,7 +212,7 @@ def test_pytorch_path_prefills_whole_prompts(embedded, monkeypatch):
     monkeypatch.setenv("BITNET158_CPU_KERNELS", "0")
     model, tokenizer = embedded
     prompts = [tokenizer.encode(text) for text in ("import os\n", "class Stack:\n    def", "# C")]
-    assert ModelRunner(model, 1).prompt_chunk is None
+    assert ModelRunner(model, 1).prompt_chunk(2) is None
     alone = [_serve(model, {0: [prompt]}, budget=512)[0][0] for prompt in prompts]
     together = _serve(model, {0: prompts[:2], 2: prompts[2:]}, budget=512)
     assert [tokens for tokens, _ in together] == alone

@@ -26,3 +26,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {name}: no MPS device is available")
     return device
+
+
+def host_to_device(values: list, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`. On CUDA it goes through pinned memory, so that the copy is queued
+    behind the device's work instead of waiting for it (a copy from pageable memory synchronises)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)

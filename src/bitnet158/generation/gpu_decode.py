@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet158.devices import host_to_device
 from bitnet158.kernels import gpu, gpu_attention
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.model.bitnet import RMSNorm, fuse_projections_
@@ -146,11 +147,8 @@ class SlotDecoder:
         if max(lengths) >= self.cache.max_length:
             raise ValueError(f"{max(lengths) + 1} tokens do not fit a slot of {self.cache.max_length}")
         pad = bucket - rows
-        # From pinned memory, so that the copy does not wait for the GPU's earlier work; the allocator keeps the
-        # block until the copy is done.
-        inputs = torch.tensor([tokens + [0] * pad, previous + [-1] * pad, lengths + [0] * pad,
-                               slots + [self.scratch] * pad], pin_memory=True)
-        self.inputs[:, :bucket].copy_(inputs, non_blocking=True)
+        inputs = [tokens + [0] * pad, previous + [-1] * pad, lengths + [0] * pad, slots + [self.scratch] * pad]
+        self.inputs[:, :bucket].copy_(host_to_device(inputs, self.inputs.device))
         self.sampled[: len(sampled)].copy_(sampled)
         graph, logits = self.graphs[bucket]
         graph.replay()

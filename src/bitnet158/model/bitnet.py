@@ -214,9 +214,28 @@ class DecoderLayer(nn.Module):
 class BitNetModel(nn.Module):
     def __init__(self, config: BitNetConfig) -> None:
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states `[batch, seq, hidden]`; with a `KVCache`, the tokens are appended to it."""
+        seq = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        if cache is None:
+            positions = torch.arange(seq, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+            mask = None
+        else:
+            if cache.length + seq > cache.max_length:
+                raise ValueError(f"{cache.length + seq} tokens do not fit a KV cache of {cache.max_length}")
+            positions, mask = cache.positions(seq), cache.attention_mask(seq)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(seq)
+        return self.norm(x)
 
 
 class BitNetForCausalLM(nn.Module):
@@ -260,21 +279,7 @@ class BitNetForCausalLM(nn.Module):
             logits = cpu_decode.decode_step(self, input_ids, cache)
             if logits is not None:
                 return logits
-        seq = input_ids.shape[1]
-        x = self.model.embed_tokens(input_ids)
-        if cache is None:
-            positions = torch.arange(seq, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-            mask = None
-        else:
-            if cache.length + seq > cache.max_length:
-                raise ValueError(f"{cache.length + seq} tokens do not fit a KV cache of {cache.max_length}")
-            positions, mask = cache.positions(seq), cache.attention_mask(seq)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(seq)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model(input_ids, cache))
 
     @classmethod
     def from_pretrained(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from bitnet158.devices import host_to_device
 from bitnet158.model.config import BitNetConfig
 
 
@@ -52,9 +53,9 @@ class SlotBatch:
     def __init__(self, cache: SlotCache, slots: list[int], num_new: list[int]) -> None:
         self.cache = cache
         device = cache.keys.device
-        self.slots = torch.tensor(slots, device=device)
-        self.starts = torch.tensor([cache.lengths[s] for s in slots], device=device)
-        self.ends = self.starts + torch.tensor(num_new, device=device)  # each slot's length after this pass
+        self.slots = host_to_device(slots, device)
+        self.starts = host_to_device([cache.lengths[s] for s in slots], device)
+        self.ends = self.starts + host_to_device(num_new, device)  # each slot's length after this pass
         self.slot_list, self.num_new = slots, num_new
         self.length = max(cache.lengths[s] for s in slots)  # the model checks length + seq <= max_length
         self.max_length = cache.max_length

@@ -34,10 +34,11 @@ from bitnet158.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20
 # Prompt tokens per step, so that arrivals do not stall the running requests for long. Whole prompts
-# (the PyTorch path) are prefilled between two decode steps, at least one per step: a few prompts' worth.
+# (the PyTorch path, CUDA's long ones) are prefilled between two decode steps, at least one per step: a few
+# prompts' worth.
 # The native CPU path cuts prompts into chunks that share a step with every decoding request: a 901-token
 # prompt beside 8 streams stretches their gaps to 160 ms with 512 per step, to 64 ms with 128 (and its
-# own first token comes 15% later). On CUDA a prompt goes one token per step, so this only bounds arrivals.
+# own first token comes 15% later).
 MAX_PREFILL_TOKENS = 512
 MAX_CHUNKED_PREFILL_TOKENS = 128
 
@@ -61,7 +62,7 @@ def create_app(
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     runner = ModelRunner(model, max_batch)
-    budget = MAX_PREFILL_TOKENS if runner.prompt_chunk is None else MAX_CHUNKED_PREFILL_TOKENS
+    budget = MAX_CHUNKED_PREFILL_TOKENS if runner.native else MAX_PREFILL_TOKENS
     engine = Engine(runner, Scheduler(max_batch, max_queue, budget), eos_ids, metrics)
     generator = Generator(engine, tokenizer, model_name, model.config.max_position_embeddings)
     created = int(time.time())

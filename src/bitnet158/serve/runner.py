@@ -2,12 +2,14 @@
 slots, and pick each row's next token with that row's own sampling parameters.
 
 Three ways to run a step, by device:
-- CUDA: one graph-captured decode step (`SlotDecoder`) with one row per request, prompt tokens too, one
-  per step (rows must be in different slots);
+- CUDA: one graph-captured decode step (`SlotDecoder`) with one row per request (rows must be in different
+  slots): a decoding request's last sampled token, or the next token of a prompt. A prompt of at most
+  `LONG_PROMPT` tokens goes one token per step; a longer one goes whole, all but its last token through the
+  model's forward, one request per call;
 - the native CPU decoder: one call with a row per token, prompt chunks of any length beside decoding rows;
 - elsewhere the model's forward: whole prompts in one right-padded batch, then the decoding rows.
 On CUDA and the native CPU path a row's numbers depend only on its own slot, so a request gets exactly the
-tokens it gets alone, whatever runs beside it.
+tokens it gets alone, whatever runs beside it (on CUDA a long prompt is always prefilled alone, and whole).
 
 `sample` draws the tokens on the model's device and leaves them there, where the next step's decoding rows
 read them, while a copy goes to the host behind the device's work. On CUDA nothing in `step` and `sample`
@@ -19,11 +21,17 @@ from __future__ import annotations
 
 import torch
 
+from bitnet158.devices import host_to_device
 from bitnet158.generation.sampling import make_generator, next_token
 from bitnet158.kernels import cpu_decode, gpu_kernels_available
 from bitnet158.model import BitNetForCausalLM
 from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.request import Request, TokenLogprob
+
+# On CUDA, prompts of more tokens go through the model's forward at once: a graph row per prompt token costs a
+# step little, but the prompt waits a step per token; the forward takes any length at once, but its launches
+# cost the host tens of milliseconds, during which no step runs.
+LONG_PROMPT = 64
 
 
 class ModelRunner:
@@ -40,10 +48,7 @@ class ModelRunner:
 
             self.decoder = SlotDecoder(model, self.cache, num_slots)
         with torch.inference_mode():
-            native = cpu_decode.applies(model, self.cache)
-        # The most tokens of one prompt a step takes (None: the whole prompt, which the PyTorch path
-        # prefills in one piece, since cutting it would change its rounding).
-        self.prompt_chunk = 1 if graph else self.context if native else None
+            self.native = cpu_decode.applies(model, self.cache)
         # Whether the engine handles a step's tokens while the next step runs. Elsewhere than on CUDA the step
         # has run by the time `step` returns, so handling its tokens at once gives them to the clients sooner.
         self.overlaps = graph
@@ -51,6 +56,13 @@ class ModelRunner:
         # decoding requests feed next.
         self.sampled = torch.zeros(0, dtype=torch.long, device=model.device)
         self.rows: dict[Request, int] = {}
+
+    def prompt_chunk(self, length: int) -> int | None:
+        """The most tokens of a `length`-token prompt that one step takes; None: the whole prompt at once (the
+        PyTorch path and CUDA's forward prefill in one piece, since cutting a prompt would change its rounding)."""
+        if self.decoder is not None:
+            return None if length > LONG_PROMPT else 1
+        return self.context if self.native else None
 
     @torch.inference_mode()
     def step(
@@ -68,7 +80,10 @@ class ModelRunner:
         requests = [request for request, _ in prompts] + decoding
         previous = [self.rows[request] for request in decoding]
         if self.decoder is not None:
-            tokens = [chunk[0] for _, chunk in prompts] + [0] * len(decoding)
+            for request, chunk in prompts:
+                if len(chunk) > 1:  # a long prompt, whole
+                    self._prefill_alone(request.slot, chunk[:-1])
+            tokens = [chunk[-1] for _, chunk in prompts] + [0] * len(decoding)
             logits = self.decoder.step([r.slot for r in requests], tokens, [-1] * len(prompts) + previous,
                                        self.sampled)
         else:
@@ -101,6 +116,12 @@ class ModelRunner:
                     _logprobs(logits[i], tokens[i : i + 1], request.top_logprobs) for i, request in enumerate(requests)]
         self.sampled, self.rows = tokens, {request: i for i, request in enumerate(requests)}
         return Sampled(requests, tokens, logprobs)
+
+    def _prefill_alone(self, slot: int, tokens: list[int]) -> None:
+        """CUDA: append `tokens` to `slot` through the model's forward, without the `lm_head`; queued behind the
+        GPU's work, not waited for."""
+        input_ids = host_to_device([tokens], self.model.device)
+        self.model.model(input_ids, self.cache.batch([slot], [len(tokens)]))
 
     def _prefill(self, prompts: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """The PyTorch path: append the chunks to their slots, right-padded in one batch; the logits after each."""

@@ -3,15 +3,16 @@
 The scheduler knows nothing about the model; the engine asks it, before each step, which prompt
 tokens go into the step and which requests decode, and tells it when a request is done. A step's
 prompt tokens are bounded (`max_prefill_tokens`), so that arrivals do not stall the requests already
-decoding for long. Where the runner takes prompts in chunks (the native CPU path: any length; CUDA: one
-token per request and step), a long prompt is spread over several steps; otherwise each prompt goes
-whole, and at least one per step.
+decoding for long. The runner says how a prompt is cut: in chunks (the native CPU path: any length;
+CUDA's short prompts: one token), spread over several steps, or whole (the PyTorch path, CUDA's long
+prompts), at least one per step.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from bitnet158.serve.request import Request
 
@@ -58,23 +59,25 @@ class Scheduler:
                     self._free(slot)
             return dropped
 
-    def admit(self, chunk: int | None) -> list[tuple[Request, list[int]]]:
+    def admit(self, chunk: Callable[[int], int | None]) -> list[tuple[Request, list[int]]]:
         """This step's prompt tokens, oldest request first: the rest of prompts already in a slot, then
-        waiting requests moved into free slots, up to `max_prefill_tokens` in all. `chunk`: at most this
-        many tokens of one prompt; None: prompts go whole (the first one even past the budget)."""
+        waiting requests moved into free slots, up to `max_prefill_tokens` in all. `chunk(n)`: at most
+        this many tokens of an n-token prompt; None: the prompt goes whole (the step's first even past
+        the budget)."""
         work: list[tuple[Request, list[int]]] = []
         budget = self.max_prefill_tokens
         with self.lock:
             for request in self.running.values():
                 if budget > 0 and request.prompt_done < len(request.prompt_ids):
-                    budget -= self._take(request, budget, chunk, work)
+                    budget -= self._take(request, budget, chunk(len(request.prompt_ids)), work)
             while budget > 0 and self.waiting and self.free_slots:
-                if chunk is None and work and len(self.waiting[0].prompt_ids) > budget:
+                length = len(self.waiting[0].prompt_ids)
+                if chunk(length) is None and work and length > budget:
                     break
                 request = self.waiting.popleft()
                 request.slot = self.free_slots.pop()
                 self.running[request.slot] = request
-                budget -= self._take(request, budget, chunk, work)
+                budget -= self._take(request, budget, chunk(length), work)
         return work
 
     @staticmethod
