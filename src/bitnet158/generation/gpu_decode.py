@@ -33,7 +33,7 @@ from bitnet158.devices import host_to_device
 from bitnet158.kernels import gpu, gpu_attention
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.model.bitnet import RMSNorm, fuse_projections_
-from bitnet158.model.slot_cache import SlotCache
+from bitnet158.model.slot_cache import SlotBatch, SlotCache
 from bitnet158.nn.bitlinear import PackedBitLinear
 
 
@@ -65,9 +65,9 @@ class GPUDecoder:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Run the (left-padded) prompts `[batch, seq]`; the last position's logits `[batch, vocab]`."""
-        logits = self.model(input_ids, self.cache)[:, -1]
+        hidden = prefill_layers(self.model, input_ids, self.cache)[:, -1]
         self.lengths.fill_(self.cache.length)
-        return logits
+        return self.model.lm_head(self.model.model.norm(hidden))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,12 @@ class SlotDecoder:
         with torch.inference_mode():
             for rows in reversed(self.buckets):  # the largest first, so that the others reuse its memory
                 self.graphs[rows] = _capture(lambda rows=rows: self._step(rows), None, pool)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int]) -> None:
+        """Append `tokens` to `slot` in one pass of `prefill_layers`, queued behind the GPU's work, not waited for."""
+        input_ids = host_to_device([tokens], self.inputs.device)
+        prefill_layers(self.model, input_ids, self.cache.batch([slot], [len(tokens)]))
 
     @torch.inference_mode()
     def step(self, slots: list[int], tokens: list[int], previous: list[int], sampled: torch.Tensor) -> torch.Tensor:
@@ -208,18 +214,45 @@ def _decode_layers(
     config = model.config
     x = F.embedding(tokens, model.model.embed_tokens.weight)
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x, fused=fused)
         heads = gpu_attention.decode_attention(qkv, keys[i], values[i], inv_freq, lengths, padding, slots,
                                                config.num_attention_heads, workspace=workspace)
         x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x, fused=fused)
-        if mlp.relu2:
-            h = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, relu2_gate_up=True, fused=fused)
-        else:
-            gate, up = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, fused=fused).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        x = _norm_linear(mlp.ffn_sub_norm, mlp.down_proj, h, residual=x, fused=fused)
+        x = _mlp_block(layer, x, fused)
     return x
+
+
+def prefill_layers(model: BitNetForCausalLM, input_ids: torch.Tensor, cache: KVCache | SlotBatch) -> torch.Tensor:
+    """The model's forward before the final norm, `[batch, seq, hidden]`, for the tokens `input_ids [batch, seq]`
+    appended to `cache`, with the decode step's unfused linears (`_norm_linear`): a norm-and-quantization kernel
+    where the model's forward runs each norm as several PyTorch ops (about half the launches, which bound a
+    prompt's prefill on the host)."""
+    batch, seq = input_ids.shape
+    config = model.config
+    cos, sin, mask = model.model.attention_inputs(input_ids, cache)
+    sizes = [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2
+    x = F.embedding(input_ids.flatten(), model.model.embed_tokens.weight)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x, fused=False)
+        q, k, v = qkv.view(batch, seq, -1).split(sizes, dim=-1)
+        heads = attn.attend(q, k, v, cos, sin, mask, cache).view(batch * seq, -1)
+        x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x, fused=False)
+        x = _mlp_block(layer, x, fused=False)
+    cache.advance(seq)
+    return x.view(batch, seq, -1)
+
+
+def _mlp_block(layer: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """`x + mlp(post_attention_layernorm(x))`, added into `x` in place."""
+    mlp = layer.mlp
+    if mlp.relu2:
+        h = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, relu2_gate_up=True, fused=fused)
+    else:
+        gate, up = _norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, x, fused=fused).chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    return _norm_linear(mlp.ffn_sub_norm, mlp.down_proj, h, residual=x, fused=fused)
 
 
 def _norm_linear(

@@ -76,12 +76,26 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        batch, seq, _ = x.shape
         if hasattr(self, "qkv_proj"):  # fused by `fuse_projections_`
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attn_sub_norm(self.attend(q, k, v, cos, sin, mask, cache)))
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Attention of the projected `q, k, v [batch, seq, heads * head_dim]`, rotary applied here and the new
+        keys and values appended to `cache`; `[batch, seq, heads * head_dim]`, before `attn_sub_norm`."""
+        batch, seq, _ = q.shape
         q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -91,8 +105,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_heads != self.num_kv_heads
         )
-        out = out.transpose(1, 2).reshape(batch, seq, -1)
-        return self.o_proj(self.attn_sub_norm(out))
+        return out.transpose(1, 2).reshape(batch, seq, -1)
 
 
 class MLP(nn.Module):
@@ -221,8 +234,20 @@ class BitNetModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The final-normed hidden states `[batch, seq, hidden]`; with a `KVCache`, the tokens are appended to it."""
-        seq = input_ids.shape[1]
+        cos, sin, mask = self.attention_inputs(input_ids, cache)
         x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.norm(x)
+
+    def attention_inputs(
+        self, input_ids: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The rotary cos and sin of the tokens `input_ids [batch, seq]`, and their attention mask (None: causal
+        over `input_ids` alone)."""
+        seq = input_ids.shape[1]
         if cache is None:
             positions = torch.arange(seq, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
             mask = None
@@ -230,12 +255,8 @@ class BitNetModel(nn.Module):
             if cache.length + seq > cache.max_length:
                 raise ValueError(f"{cache.length + seq} tokens do not fit a KV cache of {cache.max_length}")
             positions, mask = cache.positions(seq), cache.attention_mask(seq)
-        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.advance(seq)
-        return self.norm(x)
+        dtype = self.embed_tokens.weight.dtype
+        return *rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype), mask
 
 
 class BitNetForCausalLM(nn.Module):

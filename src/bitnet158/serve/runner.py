@@ -4,8 +4,8 @@ slots, and pick each row's next token with that row's own sampling parameters.
 Three ways to run a step, by device:
 - CUDA: one graph-captured decode step (`SlotDecoder`) with one row per request (rows must be in different
   slots): a decoding request's last sampled token, or the next token of a prompt. A prompt of at most
-  `LONG_PROMPT` tokens goes one token per step; a longer one goes whole, all but its last token through the
-  model's forward, one request per call;
+  `LONG_PROMPT` tokens goes one token per step; a longer one goes whole, all but its last token in one
+  prefill pass (`SlotDecoder.prefill`), one request per call;
 - the native CPU decoder: one call with a row per token, prompt chunks of any length beside decoding rows;
 - elsewhere the model's forward: whole prompts in one right-padded batch, then the decoding rows.
 On CUDA and the native CPU path a row's numbers depend only on its own slot, so a request gets exactly the
@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from bitnet158.devices import host_to_device
 from bitnet158.generation.sampling import make_generator, next_token
 from bitnet158.kernels import cpu_decode, gpu_kernels_available
 from bitnet158.model import BitNetForCausalLM
 from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.request import Request, TokenLogprob
 
-# On CUDA, prompts of more tokens go through the model's forward at once: a graph row per prompt token costs a
-# step little, but the prompt waits a step per token; the forward takes any length at once, but its launches
-# cost the host tens of milliseconds, during which no step runs.
+# On CUDA, prompts of more tokens are prefilled in one pass: a graph row per prompt token costs a step little,
+# but the prompt waits a step per token; the pass takes any length at once, but its launches cost the host
+# milliseconds (not captured: the length varies), during which no step runs.
 LONG_PROMPT = 64
 
 
@@ -82,7 +81,7 @@ class ModelRunner:
         if self.decoder is not None:
             for request, chunk in prompts:
                 if len(chunk) > 1:  # a long prompt, whole
-                    self._prefill_alone(request.slot, chunk[:-1])
+                    self.decoder.prefill(request.slot, chunk[:-1])
             tokens = [chunk[-1] for _, chunk in prompts] + [0] * len(decoding)
             logits = self.decoder.step([r.slot for r in requests], tokens, [-1] * len(prompts) + previous,
                                        self.sampled)
@@ -116,12 +115,6 @@ class ModelRunner:
                     _logprobs(logits[i], tokens[i : i + 1], request.top_logprobs) for i, request in enumerate(requests)]
         self.sampled, self.rows = tokens, {request: i for i, request in enumerate(requests)}
         return Sampled(requests, tokens, logprobs)
-
-    def _prefill_alone(self, slot: int, tokens: list[int]) -> None:
-        """CUDA: append `tokens` to `slot` through the model's forward, without the `lm_head`; queued behind the
-        GPU's work, not waited for."""
-        input_ids = host_to_device([tokens], self.model.device)
-        self.model.model(input_ids, self.cache.batch([slot], [len(tokens)]))
 
     def _prefill(self, prompts: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """The PyTorch path: append the chunks to their slots, right-padded in one batch; the logits after each."""
