@@ -13,6 +13,7 @@ from test_serve_scheduler import _request, _serve, check_overlapped_engine
 from bitnet158 import BitNetForCausalLM
 from bitnet158.cli.model_loading import embedded_model_path
 from bitnet158.generation.sampling import SamplingParams, make_generator, sample
+from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.runner import LONG_PROMPT, ModelRunner
 from bitnet158.serve.scheduler import Scheduler
 from bitnet158.tokenizer import Tokenizer
@@ -118,6 +119,27 @@ def test_a_step_and_its_sampling_do_not_wait_for_the_gpu():
     assert top.token_id == results[2][0] and len(top.top) == 2 and top.top[0][1] == top.logprob  # greedy
 
 
+@torch.inference_mode()
+def test_a_prefill_graph_computes_what_the_eager_pass_computes():
+    """A long prompt goes into its slot through the prefill graph of its bucket (72 tokens: 128, padded), which
+    reads the slot and the tokens at replay: its keys and values are those of `prefill_layers` run eagerly on the
+    padded prompt, bit for bit, even after other allocations that would take any memory the graph still read."""
+    from bitnet158.generation.gpu_decode import prefill_layers  # imports Triton
+
+    model, prompts = _model(torch.bfloat16)
+    runner = ModelRunner(model, 3)
+    prompt = prompts[5][:72]
+    assert runner.decoder.prefill_buckets[:2] == [64, 128]
+    clutter = [torch.full((16,), 10**6, dtype=torch.long, device="cuda") for _ in range(1000)]  # noqa: F841
+    runner.decoder.prefill(1, prompt)
+    assert runner.cache.lengths[1] == 72
+    eager = SlotCache(model.config, 1, runner.cache.max_length, "cuda", torch.bfloat16)
+    prefill_layers(model, torch.tensor([prompt + [0] * 56], device="cuda"), eager.batch([0], [128]))
+    assert torch.equal(runner.cache.keys[:, 1, :, :72], eager.keys[:, 0, :, :72])
+    assert torch.equal(runner.cache.values[:, 1, :, :72], eager.values[:, 0, :, :72])
+    assert runner.cache.keys[:, 1].abs().sum() > 0 and not runner.cache.keys[:, 0].any()  # slot 1, not another
+
+
 def test_sampling_draws_what_multinomial_draws_on_the_gpu():
     logits = torch.randn(3, 32000, device="cuda", generator=torch.Generator("cuda").manual_seed(0)) * 4
     for seed in range(20):
@@ -142,5 +164,6 @@ def test_no_garbage_collection_inside_a_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda.graph, "__enter__", recording_enter)
     model, _ = _model(torch.bfloat16)
     assert gc.isenabled()
-    ModelRunner(model, 4)
-    assert collecting == [False] * 3 and gc.isenabled()  # buckets of 1, 2 and 4 rows
+    runner = ModelRunner(model, 4)
+    assert runner.decoder.prefill_buckets == [64, 128, 256, 512, 1024]  # and steps of 1, 2 and 4 rows
+    assert collecting == [False] * 8 and gc.isenabled()
