@@ -28,8 +28,8 @@ from bitnet158.model.slot_cache import SlotCache
 from bitnet158.serve.request import Request, TokenLogprob
 
 # On CUDA, prompts of more tokens are prefilled in one pass: a graph row per prompt token costs a step little,
-# but the prompt waits a step per token; the pass takes any length at once, but its launches cost the host
-# milliseconds (not captured: the length varies), during which no step runs.
+# but the prompt waits a step per token; the pass takes any length at once, but no step runs meanwhile (on the
+# H200, 2B4T: 4.2 ms for 64 tokens, 13.0 ms for 1,000, against about 2 ms per step).
 LONG_PROMPT = 64
 
 
