@@ -58,7 +58,7 @@ class ModelRunner:
 
     def prompt_chunk(self, length: int) -> int | None:
         """The most tokens of a `length`-token prompt that one step takes; None: the whole prompt at once (the
-        PyTorch path and CUDA's forward prefill in one piece, since cutting a prompt would change its rounding)."""
+        PyTorch path and CUDA's prefill pass take it in one piece, since cutting it would change its rounding)."""
         if self.decoder is not None:
             return None if length > LONG_PROMPT else 1
         return self.context if self.native else None
