@@ -5,6 +5,10 @@ JSON with aggregate tokens/s, time to first token (TTFT) and inter-token latency
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 1,32 --out serve_load.json
 
 Each client sends `--requests` streaming requests one after another (greedy, `--max-tokens` each).
+`--processes P` spreads the clients over P processes, so that parsing the streams does not make the load
+generator the bottleneck: each run reports how busy its busiest client process was (`client_cpu_max`, the
+share of one core). A client process near 1.0 delays the chunks it reads, and its ITL says more about
+itself than about the server.
 `--prompt-tokens N` puts about N tokens of code before each prompt, to measure long prompts' TTFT.
 TTFT runs from sending a request to its first text; ITL is the gap between consecutive text chunks of
 one stream (one chunk per token, except where text is held back at a possible stop string or a split
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Barrier
 
 import httpx
 
@@ -40,7 +46,9 @@ class Stream:
 @dataclass
 class Run:
     clients: int
+    processes: int
     wall: float
+    client_cpu_max: float  # CPU time over wall time of the busiest client process
     streams: list[Stream] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
@@ -49,6 +57,8 @@ class Run:
         tokens = sum(s.tokens for s in self.streams)
         return {
             "clients": self.clients,
+            "processes": self.processes,
+            "client_cpu_max": round(self.client_cpu_max, 2),
             "requests": len(self.streams),
             "prompt_tokens_mean": round(sum(s.prompt_tokens for s in self.streams) / len(self.streams), 1),
             "tokens": tokens,
@@ -62,7 +72,9 @@ class Run:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile, linearly interpolated between the closest ranks (numpy's default)."""
+    """The q-th percentile, linearly interpolated between the closest ranks (numpy's default); NaN for none."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     position = (len(ordered) - 1) * q / 100
     low = int(position)
@@ -92,7 +104,9 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, max_tok
                   prompt_tokens=prompt_tokens)
 
 
-async def run(url: str, headers: dict[str, str], clients: int, requests: int, max_tokens: int, prefix: str) -> Run:
+async def run_clients(url: str, headers: dict[str, str], first: int, clients: int, requests: int, max_tokens: int,
+                      prefix: str, ready: Barrier) -> tuple[list[Stream], float, float, float]:
+    """Clients `first, first + 1, ...` of a run: (their streams, start, end, CPU time), once every process is ready."""
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -102,11 +116,35 @@ async def run(url: str, headers: dict[str, str], clients: int, requests: int, ma
             return [await one_stream(client, model, prefix + PROMPTS[(index + r) % len(PROMPTS)], max_tokens)
                     for r in range(requests)]
 
-        started = time.perf_counter()
-        results = await asyncio.gather(*(client_loop(i) for i in range(clients)))
-        result = Run(clients, time.perf_counter() - started)
-    result.streams = [s for streams in results for s in streams]
-    return result
+        ready.wait()
+        cpu, started = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(client_loop(first + i) for i in range(clients)))
+        ended = time.perf_counter()
+    return [s for streams in results for s in streams], started, ended, time.process_time() - cpu
+
+
+def client_process(ready: Barrier, results: multiprocessing.Queue, *args) -> None:
+    results.put(asyncio.run(run_clients(*args, ready)))
+
+
+def run(url: str, headers: dict[str, str], clients: int, processes: int, requests: int, max_tokens: int,
+        prefix: str) -> Run:
+    """`clients` clients spread over `processes` processes that start together; the wall time runs from the
+    first start to the last end (perf_counter is one clock for all processes)."""
+    processes = min(processes, clients)
+    ready, results = multiprocessing.Barrier(processes), multiprocessing.Queue()
+    shares = [clients // processes + (p < clients % processes) for p in range(processes)]
+    workers = [multiprocessing.Process(target=client_process, args=(
+        ready, results, url, headers, sum(shares[:p]), shares[p], requests, max_tokens, prefix))
+        for p in range(processes)]
+    for worker in workers:
+        worker.start()
+    parts = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    wall = max(end for _, _, end, _ in parts) - min(start for _, start, _, _ in parts)
+    busiest = max(cpu / (end - start) for _, start, end, cpu in parts)
+    return Run(clients, processes, wall, busiest, [s for streams, _, _, _ in parts for s in streams])
 
 
 def main() -> None:
@@ -114,6 +152,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--clients", default="1,32", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--processes", type=int, default=1, help="client processes to spread the clients over")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=0, help="tokens of code before each prompt")
     parser.add_argument("--api-key", default=None)
@@ -124,7 +163,7 @@ def main() -> None:
 
     rows = []
     for clients in (int(c) for c in args.clients.split(",")):
-        rows.append(asyncio.run(run(args.url, headers, clients, args.requests, args.max_tokens, prefix)).summary())
+        rows.append(run(args.url, headers, clients, args.processes, args.requests, args.max_tokens, prefix).summary())
     columns = list(rows[0])
     print(" | ".join(f"{c:>22}" for c in columns))
     for row in rows:
@@ -137,6 +176,7 @@ def main() -> None:
                   f"ITL p99 x{row['itl_p99_ms'] / base['itl_p99_ms']:.2f}")
     with open(args.out, "w") as file:
         json.dump({"url": args.url, "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                   "processes": args.processes,
                    "prompt_tokens": args.prompt_tokens, "runs": rows}, file, indent=2)
     print(f"wrote {args.out}")
 
