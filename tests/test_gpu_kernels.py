@@ -320,3 +320,24 @@ def test_graph_decode_matches_the_model_forward(dtype: torch.dtype, assert_logit
             else:
                 assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.5
                 torch.testing.assert_close(got.float(), want.float(), rtol=0.1, atol=0.1 * want.abs().max().item())
+
+
+def test_a_prefill_graph_computes_what_the_eager_prefill_computes():
+    """`GPUDecoder.prefill` runs eagerly at a length's first prompt, captures at the second and replays after:
+    each time the logits, the cache and the next decode step are those of the eager decoder, bit for bit."""
+    from bitnet158.generation.gpu_decode import GPUDecoder
+
+    model = BitNetForCausalLM.from_pretrained(embedded_model_path(), device="cuda")
+    graphed, eager = GPUDecoder(model, 2, 64), GPUDecoder(model, 2, 64, use_graph=False)
+    for _ in range(3):
+        prompts = torch.randint(0, model.config.vocab_size, (2, 21), device="cuda")
+        padding = torch.randint(0, 21, (2,))
+        outputs = []
+        for decoder in (graphed, eager):
+            decoder.reset(padding)
+            logits = decoder.prefill(prompts).clone()
+            outputs.append((logits, decoder.decode(logits.argmax(-1)).clone(), decoder.cache.length))
+        (got, got_next, got_length), (want, want_next, want_length) = outputs
+        assert torch.equal(got, want) and torch.equal(got_next, want_next) and got_length == want_length == 22
+        assert torch.equal(graphed.cache.keys[:, :, :, :22], eager.cache.keys[:, :, :, :22])
+    assert list(graphed.prefill_graphs) == [21] and not eager.prefill_graphs

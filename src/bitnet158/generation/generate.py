@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from bitnet158.errors import UserError
 from bitnet158.generation.detokenize import StreamingDetokenizer
@@ -13,6 +14,8 @@ from bitnet158.generation.sampling import SamplingParams, make_generator, next_t
 from bitnet158.kernels import gpu_kernels_available
 from bitnet158.model import BitNetForCausalLM, KVCache
 from bitnet158.tokenizer import Tokenizer
+
+PREFILL_MIN_LENGTH = 16  # the shortest prompt length on the GPU, after padding
 
 
 @torch.inference_mode()
@@ -92,6 +95,13 @@ def _generate_tokens_gpu(
     Each step's tokens are copied to the host right after sampling and the next step is queued
     before the host waits for them, so the GPU never idles while the caller handles text."""
     batch, longest = input_ids.shape
+    # More left padding, to a power of two (at least 16) where the context allows: then a few prefill graphs
+    # serve every prompt length. Pad positions are masked out of attention, as the prompts' own padding is.
+    length = max(PREFILL_MIN_LENGTH, 1 << (longest - 1).bit_length())
+    if length + steps - 1 <= model.config.max_position_embeddings:
+        input_ids = F.pad(input_ids, (length - longest, 0))
+        padding = padding + (length - longest)
+        longest = length
     decoder = _decoder(model, batch, longest + steps - 1)
     decoder.reset(padding)
     host = torch.empty(batch, dtype=torch.long, pin_memory=True)
