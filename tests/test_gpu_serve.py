@@ -96,7 +96,7 @@ def test_a_step_and_its_sampling_do_not_wait_for_the_gpu():
     through pinned memory."""
     model, prompts = _model(torch.bfloat16)
     runner = ModelRunner(model, 4)
-    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=128)
+    scheduler = Scheduler(max_batch=4, max_prefill_tokens=128)
     requests = [_request(prompts[0][:2], 8), _request(prompts[1][:1], 8), _request(prompts[5], 8)]
     requests[1].params = SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
     requests[2].top_logprobs = 2

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -20,9 +22,10 @@ import uvicorn
 
 from bitnet158.cli.model_loading import load_model
 from bitnet158.generation import SamplingParams, generate
-from bitnet158.serve import create_app
+from bitnet158.serve import ModelSource, create_app
 
 MODEL = "embedded"
+CPU_MODEL = ModelSource(None, "cpu")  # the embedded model, loaded by the server's engine process
 KEY = "test-key-123"
 
 
@@ -53,7 +56,7 @@ def embedded():
 
 @pytest.fixture(scope="module")
 def url(embedded) -> Iterator[str]:
-    with running_server(create_app(*embedded, MODEL, max_batch=32)) as base:
+    with running_server(create_app(CPU_MODEL, MODEL, max_batch=32)) as base:
         yield base
 
 
@@ -273,7 +276,7 @@ def test_metrics_count_requests_tokens_and_errors(url):
 
 
 def test_api_key_guards_everything_but_health(embedded):
-    with running_server(create_app(*embedded, MODEL, api_key=KEY, max_batch=2)) as base:
+    with running_server(create_app(CPU_MODEL, MODEL, api_key=KEY, max_batch=2)) as base:
         for path in ("/v1/models", "/metrics", "/", "/openapi.json", "/docs"):
             assert httpx.get(f"{base}{path}").status_code == 401, path
             wrong = httpx.get(f"{base}{path}", headers={"Authorization": "Bearer nope"})
@@ -287,10 +290,27 @@ def test_api_key_guards_everything_but_health(embedded):
         assert good.completions.create(model=MODEL, prompt="import", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_dead_engine_fails_its_streams_and_the_server_says_so():
+    """The engine process dies mid-stream: the stream ends with an error, new requests get 503 and /health 503."""
+    app = create_app(CPU_MODEL, MODEL, max_batch=2)
+    with running_server(app) as base:
+        body = {"model": MODEL, "prompt": "import", "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(app.state.engine.pid, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][len("data: "):])["error"]["message"] == "the engine process exited"
+        refused = _post(base, {"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_stopped"
+        assert httpx.get(f"{base}/health").status_code == 503
+
+
 def test_full_queue_is_429_and_a_disconnect_frees_the_slot(embedded):
     """One slot, a queue of one: a third request is refused; closing the first stream frees its slot at
     once, so the queued request runs next instead of waiting for the first to reach max_tokens."""
-    with running_server(create_app(*embedded, MODEL, max_batch=1, max_queue=1)) as base:
+    with running_server(create_app(CPU_MODEL, MODEL, max_batch=1, max_queue=1)) as base:
         long = {"model": MODEL, "prompt": "import", "max_tokens": 1000, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=long, timeout=60) as first:
             lines = first.iter_lines()

@@ -7,10 +7,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-import torch
-from test_serve import MODEL, running_server
+from test_serve import CPU_MODEL, MODEL, running_server
 
-from bitnet158.cli.model_loading import load_model
 from bitnet158.serve import create_app
 
 sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
@@ -25,7 +23,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    with running_server(create_app(*load_model(None, torch.device("cpu")), MODEL, max_batch=2)) as base:
+    with running_server(create_app(CPU_MODEL, MODEL, max_batch=2)) as base:
         yield base
 
 

@@ -11,15 +11,14 @@ from bitnet158.generation.detokenize import StreamingDetokenizer
 from bitnet158.generation.sampling import SamplingParams, make_generator, sample
 from bitnet158.kernels import cpu
 from bitnet158.serve.engine import Engine
-from bitnet158.serve.metrics import Metrics
-from bitnet158.serve.request import Delta, Finished, Request
+from bitnet158.serve.request import Delta, Event, Finished, Request, StepStats
 from bitnet158.serve.runner import ModelRunner
 from bitnet158.serve.scheduler import Scheduler
 
 
 def _request(prompt_ids: list[int], max_new_tokens: int = 4) -> Request:
-    # The scheduler and the runner use neither the detokenizer nor the event loop.
-    return Request(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), None, None)
+    # The scheduler and the runner do not use the detokenizer.
+    return Request(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), None)
 
 
 def _chunks(work: list[tuple[Request, list[int]]]) -> list[tuple[int, list[int]]]:
@@ -31,7 +30,7 @@ def _whole(length: int) -> None:
 
 
 def test_whole_prompts_within_the_budget_and_at_least_one():
-    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=10)
+    scheduler = Scheduler(max_batch=4, max_prefill_tokens=10)
     first, second, third, huge = _request([1] * 6), _request([2] * 6), _request([3] * 3), _request([4] * 15)
     for request in (first, second, third, huge):
         scheduler.submit(request)
@@ -46,7 +45,7 @@ def test_whole_prompts_within_the_budget_and_at_least_one():
 
 
 def test_chunked_prompts_share_the_budget_oldest_first():
-    scheduler = Scheduler(max_batch=2, max_queue=8, max_prefill_tokens=4)
+    scheduler = Scheduler(max_batch=2, max_prefill_tokens=4)
     first, second, third = _request([1, 2, 3, 4, 5, 6]), _request([7, 8, 9]), _request([10])
     for request in (first, second, third):
         scheduler.submit(request)
@@ -61,7 +60,7 @@ def test_chunked_prompts_share_the_budget_oldest_first():
 def test_short_prompts_a_token_per_step_long_ones_whole():
     """CUDA's rule: prompts of at most 3 tokens here go one token per step (graph rows), longer ones whole; both
     within the budget, a long one first in its step even past it."""
-    scheduler = Scheduler(max_batch=4, max_queue=8, max_prefill_tokens=6)
+    scheduler = Scheduler(max_batch=4, max_prefill_tokens=6)
     short, long, other, longer = _request([1, 2]), _request([3] * 5), _request([4]), _request([5] * 8)
     for request in (short, long, other, longer):
         scheduler.submit(request)
@@ -81,7 +80,7 @@ def _serve(
     """Run the scheduler and runner step by step, each step's tokens handled before the next (arrivals: step ->
     prompts); each request's 6 tokens and their logits."""
     runner = ModelRunner(model, slots)
-    scheduler = Scheduler(max_batch=slots, max_queue=64, max_prefill_tokens=budget)
+    scheduler = Scheduler(max_batch=slots, max_prefill_tokens=budget)
     requests, results = [], {}
     for step in range(max(arrivals) + 1000):
         for prompt in arrivals.get(step, []):
@@ -104,13 +103,6 @@ def _serve(
     return [(results[id(r)][0], torch.stack(results[id(r)][1])) for r in requests]
 
 
-class _Inline:
-    """In place of the HTTP handler's event loop: the engine's events go straight into the request's queue."""
-
-    def call_soon_threadsafe(self, callback, *args) -> None:
-        callback(*args)
-
-
 Spec = tuple[list[int], SamplingParams]
 Outcome = tuple[list[int], str, str | None]
 
@@ -125,12 +117,19 @@ def _run_engine(
     cancelled)."""
     runner = ModelRunner(model, slots)
     runner.overlaps = overlaps
-    engine = Engine(runner, Scheduler(slots, max_queue=64, max_prefill_tokens=128), set(eos_ids), Metrics())
+    sent: dict[str, list[Event]] = {}  # what the engine emits, by request
+
+    def emit(events: list[tuple[Request, Event]], stats: StepStats) -> None:
+        assert stats.running <= slots
+        for request, event in events:
+            sent.setdefault(request.id, []).append(event)
+
+    engine = Engine(runner, Scheduler(slots, max_prefill_tokens=128), set(eos_ids), emit)
     requests: list[Request] = []
     for step in range(10_000):
         for prompt, params in arrivals.get(step, []):
             detokenizer = StreamingDetokenizer(tokenizer, prompt, params.stop)
-            requests.append(Request(prompt, params, detokenizer, _Inline(), top_logprobs=0))  # sends token ids
+            requests.append(Request(prompt, params, detokenizer, top_logprobs=0))  # sends token ids
             engine.submit(requests[-1])
         if cancel is not None and len(requests) > cancel[0] and requests[cancel[0]].generated == cancel[1]:
             engine.cancel(requests[cancel[0]])
@@ -139,7 +138,7 @@ def _run_engine(
         engine.step()
     outcomes = []
     for request in requests:
-        events = [request.events.get_nowait() for _ in range(request.events.qsize())]
+        events = sent.get(request.id, [])
         deltas = [event for event in events if isinstance(event, Delta)]
         reasons = [event.reason for event in events if isinstance(event, Finished)]
         assert len(reasons) <= 1

@@ -7,13 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from test_serve import MODEL, running_server
+from test_serve import CPU_MODEL, MODEL, running_server
 
-from bitnet158.cli.model_loading import load_model
 from bitnet158.serve import create_app
 
 # Generated bodies may ask for up to the whole context; a few tokens show the same behaviour, quicker.
@@ -23,7 +21,7 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    with running_server(create_app(*load_model(None, torch.device("cpu")), MODEL, max_batch=4)) as url:
+    with running_server(create_app(CPU_MODEL, MODEL, max_batch=4)) as url:
         yield url
 
 

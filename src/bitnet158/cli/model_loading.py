@@ -39,6 +39,16 @@ def estimated_bytes(config: BitNetConfig, dtype: torch.dtype) -> int:
     return counts["ternary"] // 4 + counts["high_precision"] * dtype.itemsize
 
 
+def load_tokenizer(path: Path | None) -> Tokenizer:
+    """The tokenizer of a model folder or .gguf file (default: the embedded model)."""
+    folder = path if path is not None else embedded_model_path()
+    if folder.suffix == ".gguf" and folder.is_file():
+        return load_gguf_tokenizer(folder)
+    if not folder.is_dir():
+        raise UserError(f"--model {folder}: no such folder or .gguf file")
+    return Tokenizer.from_pretrained(folder)
+
+
 def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausalLM, Tokenizer]:
     """Load a model folder (default: the embedded model) or a .gguf file and its tokenizer, refusing a
     folder too large for the device."""
@@ -46,11 +56,8 @@ def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausal
     # float32 on the CPU: the high-precision parts cost little there, and a row's result then does not
     # depend on the rest of the batch (the server relies on it); bf16 elsewhere.
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if folder.suffix == ".gguf" and folder.is_file():  # a GGUF file holds the model and its tokenizer
-        tokenizer = load_gguf_tokenizer(folder)
-    else:
-        if not folder.is_dir():
-            raise UserError(f"--model {folder}: no such folder or .gguf file")
+    tokenizer = load_tokenizer(folder)
+    if folder.is_dir():  # a folder's config says how much memory it needs
         config = BitNetConfig.from_json(folder / "config.json")
         needed, available = estimated_bytes(config, dtype), _available_bytes(device)
         if available is not None and needed > available:
@@ -58,7 +65,6 @@ def load_model(path: Path | None, device: torch.device) -> tuple[BitNetForCausal
                 f"--model {folder}: needs about {needed / 2**30:.1f} GiB on {device.type}, "
                 f"only {available / 2**30:.1f} GiB is free"
             )
-        tokenizer = Tokenizer.from_pretrained(folder)
 
     started = time.monotonic()
     progress = Progress(

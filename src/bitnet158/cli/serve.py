@@ -31,18 +31,15 @@ def serve(
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /metrics, a chat page at /."""
     import uvicorn  # the serve extra; imported here so the other commands work without it
 
-    from bitnet158.cli.model_loading import embedded_model_path, load_model
-    from bitnet158.devices import resolve_device
-    from bitnet158.kernels import cpu
-    from bitnet158.serve import create_app
+    from bitnet158.cli.model_loading import embedded_model_path
+    from bitnet158.serve import ModelSource, create_app
 
-    cpu.configure_threads(threads)
     if max_batch < 1 or max_queue < 0:
         raise UserError("--max-batch must be at least 1 and --max-queue at least 0")
-    lm, tokenizer = load_model(model, resolve_device(device))
     name = (model or embedded_model_path()).name
-    app = create_app(lm, tokenizer, name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
-    # The model, tokenizer and app live as long as the process: keep them out of the garbage collector's
-    # full passes, which then take about 1 ms instead of 100 (the engine thread, and every stream, waits).
+    app = create_app(ModelSource(model, device, threads), name, api_key=api_key, max_batch=max_batch,
+                     max_queue=max_queue)
+    # The tokenizer and the app live as long as the process: keep them out of the garbage collector's full
+    # passes, which take longer the more objects they walk (every stream waits meanwhile).
     gc.freeze()
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import time
 from contextlib import asynccontextmanager
@@ -11,11 +12,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bitnet158.model import BitNetForCausalLM
+from bitnet158.cli.model_loading import load_tokenizer
 from bitnet158.serve.chat_page import CHAT_PAGE
 from bitnet158.serve.completions import Generator
-from bitnet158.serve.engine import Engine
-from bitnet158.serve.errors import install_error_handlers
+from bitnet158.serve.engine_process import EngineProcess, ModelSource
+from bitnet158.serve.errors import APIError, install_error_handlers
 from bitnet158.serve.metrics import Metrics
 from bitnet158.serve.middleware import GuardMiddleware
 from bitnet158.serve.protocol import (
@@ -28,48 +29,34 @@ from bitnet158.serve.protocol import (
     ModelCard,
     ModelList,
 )
-from bitnet158.serve.runner import ModelRunner
-from bitnet158.serve.scheduler import Scheduler
-from bitnet158.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20
-# Prompt tokens per step, so that arrivals do not stall the running requests for long. Whole prompts
-# (the PyTorch path, CUDA's long ones) are prefilled between two decode steps, at least one per step: a few
-# prompts' worth.
-# The native CPU path cuts prompts into chunks that share a step with every decoding request: a 901-token
-# prompt beside 8 streams stretches their gaps to 160 ms with 512 per step, to 64 ms with 128 (and its
-# own first token comes 15% later).
-MAX_PREFILL_TOKENS = 512
-MAX_CHUNKED_PREFILL_TOKENS = 128
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 _GENERATION_RESPONSES = {
     **_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with stream"}
 }
 
 
 def create_app(
-    model: BitNetForCausalLM,
-    tokenizer: Tokenizer,
+    source: ModelSource,
     model_name: str,
     api_key: str | None = None,
     max_batch: int = 32,
     max_queue: int = 256,
 ) -> FastAPI:
-    """An app serving `model` under the name `model_name`; its engine thread runs while the app does."""
+    """An app serving the model `source` names, under the name `model_name`. Its engine process starts (and loads
+    the model) before this returns, a `UserError` if it cannot, and stops with the app."""
+    tokenizer = load_tokenizer(source.path)  # first: a wrong path is an error at once, before a process starts
     metrics = Metrics()
-    eos_ids = set(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
-    runner = ModelRunner(model, max_batch)
-    budget = MAX_CHUNKED_PREFILL_TOKENS if runner.native else MAX_PREFILL_TOKENS
-    engine = Engine(runner, Scheduler(max_batch, max_queue, budget), eos_ids, metrics)
-    generator = Generator(engine, tokenizer, model_name, model.config.max_position_embeddings)
+    engine = EngineProcess(source, max_batch, max_queue, metrics)
+    engine.start()
+    generator = Generator(engine, tokenizer, model_name, engine.context)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        engine.start()
+        engine.attach(asyncio.get_running_loop())
         yield
         engine.stop()
 
@@ -93,8 +80,11 @@ def create_app(
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, created=created)])
 
-    @app.get("/health", response_model=Health)
-    async def health() -> Health:
+    @app.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
+    async def health():
+        """200 while the engine process runs; 503 once it has exited (the server cannot generate)."""
+        if not engine.running:
+            raise APIError(503, "The model's engine has stopped.", "server_error", "engine_stopped")
         return Health()
 
     @app.get("/metrics", response_class=Response, responses={**_ERRORS, 200: {"content": {CONTENT_TYPE_LATEST: {}}}})

@@ -11,9 +11,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from bitnet158.generation.detokenize import StreamingDetokenizer
 from bitnet158.generation.sampling import SamplingParams
-from bitnet158.serve.engine import Engine
+from bitnet158.serve.engine_process import EngineProcess, EngineStopped, QueueFull, RequestHandle
 from bitnet158.serve.errors import APIError
 from bitnet158.serve.protocol import (
     AssistantMessage,
@@ -33,8 +32,7 @@ from bitnet158.serve.protocol import (
     TopLogprob,
     Usage,
 )
-from bitnet158.serve.request import Delta, Failed, Finished, Request, TokenLogprob
-from bitnet158.serve.scheduler import QueueFull
+from bitnet158.serve.request import Delta, Failed, Finished, TokenLogprob
 from bitnet158.tokenizer import Tokenizer
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -61,7 +59,7 @@ class EngineStream(StreamingResponse):
 class Generator:
     """Serves the two generation endpoints for one model."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, context: int) -> None:
+    def __init__(self, engine: EngineProcess, tokenizer: Tokenizer, model_name: str, context: int) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -95,7 +93,7 @@ class Generator:
         return ChatCompletionResponse(id=f"chatcmpl-{request.id}", created=int(time.time()), model=self.model_name,
                                       choices=[choice], usage=_usage(finished))
 
-    def _request(self, body: SamplingFields, prompt: str, top_logprobs: int | None, http: HTTPRequest) -> Request:
+    def _request(self, body: SamplingFields, prompt: str, top_logprobs: int | None, http: HTTPRequest) -> RequestHandle:
         """Check the model and the lengths, tokenize, and queue the request (429 if the queue is full)."""
         if body.model != self.model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server has '{self.model_name}'.",
@@ -112,14 +110,13 @@ class Generator:
         temperature = 0.0 if body.temperature < MIN_TEMPERATURE else body.temperature
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=body.top_p,
                                 seed=body.seed, stop=body.stop_list())
-        request = Request(prompt_ids, params, StreamingDetokenizer(self.tokenizer, prompt_ids, params.stop),
-                          asyncio.get_running_loop(), top_logprobs)
         try:
-            self.engine.submit(request)
+            return self.engine.submit(prompt_ids, params, top_logprobs)
         except QueueFull:
             raise APIError(429, "The server is busy: too many requests are waiting. Retry later.",
                            "rate_limit_error", "queue_full") from None
-        return request
+        except EngineStopped:
+            raise APIError(503, "The model's engine has stopped.", "server_error", "engine_stopped") from None
 
     def _too_long(self, prompt_tokens: str, max_tokens: int | None) -> APIError:
         asked = "" if max_tokens is None else f" plus max_tokens {max_tokens}"
@@ -127,7 +124,7 @@ class Generator:
                         f"{prompt_tokens} tokens{asked}. Shorten the prompt or lower max_tokens.",
                         "invalid_request_error", "context_length_exceeded")
 
-    async def _events(self, request: Request, http: HTTPRequest) -> AsyncIterator[Delta | Finished]:
+    async def _events(self, request: RequestHandle, http: HTTPRequest) -> AsyncIterator[Delta | Finished]:
         """The request's events until it finishes; if the client goes away first, cancel it."""
         done = False
         try:
@@ -148,7 +145,7 @@ class Generator:
             if not done:
                 self.engine.cancel(request)
 
-    async def _collect(self, request: Request, http: HTTPRequest) -> tuple[str, list[TokenLogprob], Finished]:
+    async def _collect(self, request: RequestHandle, http: HTTPRequest) -> tuple[str, list[TokenLogprob], Finished]:
         text, logprobs, finished = [], [], None
         async for event in self._events(request, http):
             if isinstance(event, Finished):
@@ -161,7 +158,7 @@ class Generator:
             raise APIError(499, "The client closed the request.", "invalid_request_error")
         return "".join(text), logprobs, finished
 
-    def _stream(self, request: Request, http: HTTPRequest, body: SamplingFields,
+    def _stream(self, request: RequestHandle, http: HTTPRequest, body: SamplingFields,
                 make_chunk: Callable[..., BaseModel], first: BaseModel | None) -> StreamingResponse:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
@@ -187,7 +184,7 @@ class Generator:
 
         return EngineStream(sse(), lambda: self.engine.cancel(request))
 
-    def _completion_chunk(self, request: Request, text: str | None, logprobs: list[TokenLogprob],
+    def _completion_chunk(self, request: RequestHandle, text: str | None, logprobs: list[TokenLogprob],
                           reason: str | None, usage: Usage | None = None) -> CompletionResponse:
         choices = [] if text is None else [CompletionChoice(
             text=text, finish_reason=reason,
@@ -195,7 +192,7 @@ class Generator:
         return CompletionResponse(id=f"cmpl-{request.id}", created=int(time.time()), model=self.model_name,
                                   choices=choices, usage=usage)
 
-    def _chat_chunk(self, request: Request, text: str | None, logprobs: list[TokenLogprob],
+    def _chat_chunk(self, request: RequestHandle, text: str | None, logprobs: list[TokenLogprob],
                     reason: str | None, usage: Usage | None = None) -> ChatCompletionChunk:
         choices = [] if text is None else [ChatChunkChoice(
             delta=ChatDelta(content=text or None), finish_reason=reason,

@@ -1,4 +1,5 @@
-"""Which requests run: a bounded waiting queue, a fixed set of cache slots, admission and retirement.
+"""Which requests run: a waiting queue (bounded by the HTTP side), a fixed set of cache slots, admission
+and retirement.
 
 The scheduler knows nothing about the model; the engine asks it, before each step, which prompt
 tokens go into the step and which requests decode, and tells it when a request is done. A step's
@@ -17,13 +18,8 @@ from collections.abc import Callable
 from bitnet158.serve.request import Request
 
 
-class QueueFull(Exception):
-    """The waiting queue is at `max_queue`: the server answers 429."""
-
-
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, max_prefill_tokens: int) -> None:
-        self.max_queue = max_queue
+    def __init__(self, max_batch: int, max_prefill_tokens: int) -> None:
         self.max_prefill_tokens = max_prefill_tokens  # prompt tokens per step
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -33,8 +29,6 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull
             self.waiting.append(request)
             self.has_work.notify()
 
