@@ -25,7 +25,8 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     threads: Annotated[int | None, typer.Option(
         min=1, show_default=False,
-        help="CPU threads for the kernels (default: $BITNET158_THREADS, else every CPU this process may use).")]
+        help="CPU threads for the kernels (default: $BITNET158_THREADS, else every CPU this process may use but "
+             "one, which the HTTP side gets).")]
     = None,
 ) -> None:
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /metrics, a chat page at /."""
