@@ -332,10 +332,12 @@ def test_full_queue_is_429_and_a_disconnect_frees_the_slot(embedded):
             assert refused.status_code == 429
             assert refused.json()["error"]["type"] == "rate_limit_error"
             closed = time.monotonic()
+            made = _metric(httpx.get(f"{base}/metrics").text, "bitnet158_generated_tokens_total")
         second.join(timeout=60)
         assert result[0].status_code == 200
         assert time.monotonic() - closed < 15
         metrics = httpx.get(f"{base}/metrics").text
-        # The 1000-token request was cancelled, not run to the end: with it, the two would have made 1004 tokens.
-        assert _metric(metrics, "bitnet158_generated_tokens_total") < 1000 + 4
+        # The 1000-token request was cancelled as its client left, not run to the end: a few more of its tokens at
+        # most, and the second request's 4.
+        assert _metric(metrics, "bitnet158_generated_tokens_total") < min(made + 100, 1000) + 4
         assert _metric(metrics, "bitnet158_running_requests") == 0
