@@ -24,6 +24,7 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
+from threading import BrokenBarrierError
 
 import httpx
 
@@ -124,7 +125,14 @@ async def run_clients(url: str, headers: dict[str, str], first: int, clients: in
 
 
 def client_process(ready: Barrier, results: multiprocessing.Queue, *args) -> None:
-    results.put(asyncio.run(run_clients(*args, ready)))
+    """Put this process's part of the run, or the line that says why it failed."""
+    try:
+        results.put(asyncio.run(run_clients(*args, ready)))
+    except BrokenBarrierError:
+        results.put("another client process failed")
+    except Exception as error:  # noqa: BLE001 - the parent reports it as one line
+        ready.abort()  # the other processes stop waiting for this one
+        results.put(f"{type(error).__name__}: {error}")
 
 
 def run(url: str, headers: dict[str, str], clients: int, processes: int, requests: int, max_tokens: int,
@@ -142,6 +150,9 @@ def run(url: str, headers: dict[str, str], clients: int, processes: int, request
     parts = [results.get() for _ in workers]
     for worker in workers:
         worker.join()
+    failures = sorted((part for part in parts if isinstance(part, str)), key=lambda f: f.startswith("another"))
+    if failures:
+        raise SystemExit(f"serve_load: a client failed against {url}: {failures[0]}")
     wall = max(end for _, _, end, _ in parts) - min(start for _, start, _, _ in parts)
     busiest = max(cpu / (end - start) for _, start, end, cpu in parts)
     return Run(clients, processes, wall, busiest, [s for streams, _, _, _ in parts for s in streams])
