@@ -71,7 +71,7 @@ class Generator:
         self.max_token_bytes = max(len(t.encode()) for t in tokenizer.tokenizer.get_vocab())
 
     async def completion(self, body: CompletionRequest, http: HTTPRequest):
-        request = self._request(body, body.prompt, body.logprobs, http)
+        request = self._request(body, body.prompt, body.logprobs)
         if body.stream:
             return self._stream(request, body, self._completion_chunk, first=None)
         text, logprobs, finished = await self._collect(request, http)
@@ -84,7 +84,7 @@ class Generator:
     async def chat(self, body: ChatCompletionRequest, http: HTTPRequest):
         prompt = self.tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
         top = (body.top_logprobs or 0) if body.logprobs else None
-        request = self._request(body, prompt, top, http)
+        request = self._request(body, prompt, top)
         if body.stream:
             first = ChatCompletionChunk(id=f"chatcmpl-{request.id}", created=int(time.time()), model=self.model_name,
                                         choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
@@ -95,7 +95,7 @@ class Generator:
         return ChatCompletionResponse(id=f"chatcmpl-{request.id}", created=int(time.time()), model=self.model_name,
                                       choices=[choice], usage=_usage(finished))
 
-    def _request(self, body: SamplingFields, prompt: str, top_logprobs: int | None, http: HTTPRequest) -> RequestHandle:
+    def _request(self, body: SamplingFields, prompt: str, top_logprobs: int | None) -> RequestHandle:
         """Check the model and the lengths, tokenize, and queue the request (429 if the queue is full)."""
         if body.model != self.model_name:
             raise APIError(404, f"The model '{body.model}' does not exist; this server has '{self.model_name}'.",
