@@ -21,6 +21,7 @@ import torch
 import uvicorn
 
 from bitnet158.cli.model_loading import load_model
+from bitnet158.errors import UserError
 from bitnet158.generation import SamplingParams, generate
 from bitnet158.serve import ModelSource, create_app
 
@@ -282,6 +283,12 @@ def test_api_key_guards_everything_but_health(embedded):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
         assert good.completions.create(model=MODEL, prompt="import", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_an_engine_that_cannot_load_its_model_is_one_clear_error():
+    """The engine process reports what stopped it, and the app is not made."""
+    with pytest.raises(UserError, match="--device 'tpu': expected auto, cpu, cuda"):
+        create_app(ModelSource(None, "tpu"), MODEL)
 
 
 def test_a_dead_engine_fails_its_streams_and_the_server_says_so():

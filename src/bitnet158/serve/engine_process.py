@@ -107,13 +107,12 @@ class EngineProcess:
         theirs.close()
         try:
             kind, value = self._pipe.recv()
-        except EOFError:
-            self._process.join()
-            kind, value = "error", f"the engine process exited (code {self._process.exitcode}) while loading the model"
+        except EOFError:  # it died without a word: killed, or a crash in native code
+            kind, value = "error", None
         if kind == "error":
             self._process.join()
             self._pipe.close()
-            raise UserError(value)
+            raise UserError(value or f"the engine process exited (code {self._process.exitcode}) loading the model")
         self.context = value
         self.running = True
 
@@ -148,14 +147,20 @@ class EngineProcess:
         if len(self.handles) >= self.max_batch + self.max_queue:
             raise QueueFull
         handle = RequestHandle(top_logprobs)
+        try:
+            self._pipe.send(("submit", handle.id, prompt_ids, params, top_logprobs))
+        except OSError:  # it has just exited: the pipe's end is seen on the loop soon
+            raise EngineStopped from None
         self.handles[handle.id] = handle
-        self._pipe.send(("submit", handle.id, prompt_ids, params, top_logprobs))
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
         """The client went away: the engine frees the request's slot at its next step (nothing, if it has finished)."""
         if self.handles.pop(handle.id, None) is not None and self.running:
-            self._pipe.send(("cancel", handle.id))
+            try:
+                self._pipe.send(("cancel", handle.id))
+            except OSError:  # it has just exited
+                pass
 
     def _receive(self) -> None:
         """One message from the engine (the loop calls again while the pipe has more)."""
