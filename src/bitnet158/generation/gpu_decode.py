@@ -279,14 +279,12 @@ def prefill_layers(model: BitNetForCausalLM, input_ids: torch.Tensor, cache: KVC
     where the model's forward runs each norm as several PyTorch ops (about half the launches, which bound a
     prompt's prefill on the host)."""
     batch, seq = input_ids.shape
-    config = model.config
     cos, sin, mask = model.model.attention_inputs(input_ids, cache)
-    sizes = [config.num_attention_heads * config.head_dim] + [config.num_key_value_heads * config.head_dim] * 2
     x = F.embedding(input_ids.flatten(), model.model.embed_tokens.weight)
     for layer in model.model.layers:
         attn = layer.self_attn
         qkv = _norm_linear(layer.input_layernorm, attn.qkv_proj, x, fused=False)
-        q, k, v = qkv.view(batch, seq, -1).split(sizes, dim=-1)
+        q, k, v = attn.split_qkv(qkv.view(batch, seq, -1))
         heads = attn.attend(q, k, v, cos, sin, mask, cache).view(batch * seq, -1)
         x = _norm_linear(attn.attn_sub_norm, attn.o_proj, heads, residual=x, fused=False)
         x = _mlp_block(layer, x, fused=False)

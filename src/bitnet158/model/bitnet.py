@@ -77,11 +77,15 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         if hasattr(self, "qkv_proj"):  # fused by `fuse_projections_`
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = self.split_qkv(self.qkv_proj(x))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.o_proj(self.attn_sub_norm(self.attend(q, k, v, cos, sin, mask, cache)))
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output `[..., (heads + 2 kv_heads) * head_dim]` as q, k and v."""
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
     def attend(
         self,

@@ -88,7 +88,7 @@ class ModelRunner:
         else:
             sampled = self.sampled.tolist()
             last = [sampled[row] for row in previous]
-            if cpu_decode.applies(self.model, self.cache):
+            if self.native:
                 tokens = [chunk for _, chunk in prompts] + [[token] for token in last]
                 logits = cpu_decode.forward_slots(self.model, self.cache, [r.slot for r in requests], tokens)
             else:
