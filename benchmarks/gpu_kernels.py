@@ -189,8 +189,9 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             scale = torch.rand(n, device="cuda") + 0.5
             codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            tokens = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
-            configs = [(tokens, splits, depth) for splits in range(1, 9) for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
+            planned = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
+            configs = [(tokens, splits, depth) for tokens in sorted({planned, min(planned, 16)})
+                       for splits in range(1, 9) for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
             _report(f"sweep CUDA M={m} {name}",
                     [(_time_cuda(codes, x_scale, sums, weights, scale, out, c), c) for c in configs])
             del weights
@@ -207,7 +208,8 @@ def sweep_mma(batches: list[int]) -> None:
         2048: [
             (128, 128, 128, 4, 3), (128, 128, 128, 4, 2), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
             (128, 64, 128, 4, 3), (128, 64, 128, 4, 4), (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
-            (64, 64, 128, 4, 4), (128, 64, 256, 4, 3), (64, 256, 128, 4, 3), (256, 64, 128, 8, 3)],
+            (64, 64, 128, 4, 4), (128, 64, 256, 4, 3), (64, 256, 128, 4, 3), (256, 64, 128, 8, 3),
+            (256, 128, 128, 8, 3), (128, 128, 64, 4, 5), (64, 128, 256, 4, 3)],
     }
     for m in batches:
         for name, (n, k) in SHAPES.items():

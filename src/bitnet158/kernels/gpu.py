@@ -397,15 +397,20 @@ def _mma_kernel(
 
 
 @triton.jit
-def _unpack_kernel(w_ptr, out_ptr, R, Kp, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Our layout `[R, Kp]` to int8 weights `[4R, Kp]` in {-1, 0, 1} (row r + iR from bit field i)."""
+def _unpack_kernel(w_ptr, out_ptr, R, KW, BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Our layout `[R, Kp]` to int8 weights `[4R, Kp]` in {-1, 0, 1} (row r + iR from bit field i), four
+    bytes per int32 word (`w_ptr`, `out_ptr` are int32 views, KW = Kp / 4): byte-wise code the instruction
+    count, not the bytes, was the limit. A field's codes c in {0, 1, 2} become c - 1 without a borrow from
+    one byte into the next: c + 127 stays under 256, and flipping its top bit subtracts 128."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok = (rows[:, None] < R) & (cols[None, :] < Kp)
-    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * Kp + cols[None, :], mask=ok, other=0)
+    words = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    ok = (rows[:, None] < R) & (words[None, :] < KW)
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * KW + words[None, :], mask=ok, other=0)
+    # The weights were read while the kernel before ends; `out_ptr` may be memory it still reads.
+    _wait_for_previous_kernel()
     for i in tl.static_range(4):
-        dst = out_ptr + (i * R + rows[:, None]).to(tl.int64) * Kp + cols[None, :]
-        tl.store(dst, ((w >> (2 * i)) & 3).to(tl.int8) - 1, mask=ok)
+        dst = out_ptr + (i * R + rows[:, None]).to(tl.int64) * KW + words[None, :]
+        tl.store(dst, (((w >> (2 * i)) & 0x03030303) + 0x7F7F7F7F) ^ -0x7F7F7F80, mask=ok)  # 0x80808080
 
 
 @triton.jit
@@ -612,12 +617,15 @@ def w2a8_matmul(
         return out
     # Large M is bound by the tensor cores, not by the weight bytes: unpacking to int8 once per call
     # (4x the bytes, read back from L2 and memory) lets the GEMM feed the tensor cores straight from memory.
-    # (A GEMM that unpacks each weight tile in registers took 1.5x as long on the H200.) The GEMM starts
-    # while the unpacking ends and waits for it.
+    # (A GEMM that unpacks each weight tile in registers took 1.5x as long on the H200.) Each kernel starts
+    # while the one before it ends, and waits for it: the unpacking reads its weights during the last wave
+    # of the GEMM before it, the GEMM sets up during the unpacking.
     block_m, block_n, block_k, warps, stages = config or _gemm_config(m)
     _check_block_k(block_k, kp)
     unpacked = torch.empty(4 * r, kp, dtype=torch.int8, device=codes.device)
-    _unpack_kernel[(triton.cdiv(r, 16), triton.cdiv(kp, 256))](weight, unpacked, r, kp, BLOCK_R=16, BLOCK_K=256)
+    _unpack_kernel[(triton.cdiv(r, 16), triton.cdiv(kp // 4, 64))](
+        weight.view(torch.int32), unpacked.view(torch.int32), r, kp // 4, BLOCK_R=16, BLOCK_KW=64,
+        **_early_launch(codes.device))
     _int8_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(4 * r, block_n),)](
         codes, x_scale, unpacked, weight_scale, bias_arg, out, m, 4 * r, out_features, kp,
         codes.stride(0), out.stride(0), w_scale_stride, HAS_BIAS=bias is not None, INT_OUT=int_out,

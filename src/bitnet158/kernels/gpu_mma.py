@@ -21,7 +21,7 @@ WARPS = 8
 THREADS = 32 * WARPS
 MAX_DEPTH = 6
 TOKEN_TILES = (8, 16, 32)
-MAX_M = 64  # past 32 rows, blocks of 32 tokens side by side (a 64-token block was slower)
+MAX_M = 64  # past 32 rows, blocks of 16 or 32 tokens side by side (a 64-token block was slower)
 OUT_KINDS = {torch.int32: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -45,14 +45,29 @@ def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value at offset 8
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_...: may start before the previous kernel ends
+_EARLY_START = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+
+
 def _launch(kernel, grid: tuple[int, int, int], args: list[ctypes._SimpleCData]) -> None:
-    """`kernel` on the current stream, with pointer and int arguments (torch's own launcher costs tens of
-    microseconds of host time per call)."""
+    """`kernel` on the current stream, with pointer and int arguments, allowed to start while the kernel before
+    it ends (it waits for it in the kernel). torch's own launcher costs tens of microseconds of host time per call."""
     params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(arg) for arg in args])
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    error = _driver().cuLaunchKernel(kernel.func, *grid, THREADS, 1, 1, 0, stream, params, None)
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(THREADS, 1, 1), shared_bytes=0,
+                           stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(_EARLY_START),
+                           num_attrs=1)
+    error = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
     if error:
-        raise RuntimeError(f"cuLaunchKernel failed with CUDA driver error {error}")
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {error}")
 
 
 @functools.cache
@@ -64,12 +79,18 @@ def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int]:
     """(tokens per block, K splits, loads in flight per lane). About 1.5 blocks per multiprocessor (splits
     of K: at most 8, a portable cluster), and every lane's loads in flight at once."""
     tokens = next(t for t in TOKEN_TILES if m <= t or t == TOKEN_TILES[-1])
-    tiles = -(-r // ROWS_PER_BLOCK) * -(-m // tokens)
+    row_blocks = -(-r // ROWS_PER_BLOCK)
+    if m > 32 and row_blocks * -(-m // 16) <= 2 * sm_count:
+        # Past 32 rows, 16-token blocks side by side while they fit the GPU about twice: each keeps several
+        # loads in flight where a 32-token block holds one (H200, 64 rows: 10.0 against 10.4 us for qkv).
+        tokens = 16
+    tiles = row_blocks * -(-m // tokens)
     chunks = kp // CHUNK
     splits = max(1, min(round(1.5 * sm_count / tiles), chunks // 8, 8))
     per_warp = -(-chunks // (splits * WARPS))
-    # 32 tokens hold 64 more registers per load: more than one load in flight costs blocks per multiprocessor.
-    return tokens, splits, 1 if tokens == 32 else min(per_warp, MAX_DEPTH)
+    # Each load in flight holds 8 + 4 * tokens / 8 registers per lane: past 5 (16 tokens) or 1 (32 tokens) the
+    # block's registers cost a block per multiprocessor (H200, 64 rows, down: 16.6 us at 6 against 15.3 at 5).
+    return tokens, splits, min(per_warp, {8: MAX_DEPTH, 16: 5, 32: 1}[tokens])
 
 
 def w2a8_mma(

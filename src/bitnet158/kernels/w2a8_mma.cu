@@ -20,6 +20,11 @@
 // tile's outputs from every block's shared memory and writes it. No workspace, no counters, no second
 // pass through global memory. All sums are exact in int32; the scales are applied once, in the order of
 // `reference.ternary_linear`.
+//
+// The kernel is launched to overlap the one before it (programmatic dependent launch): it has its weights
+// copied into L2 and requests the weight scales, which no kernel writes, then waits for its predecessor
+// before it reads the activations. The scales the output needs are requested before the main loop and
+// parked in shared memory, so that the output step waits on no global load.
 
 constexpr int kRows = 16;    // packed rows per block (64 output rows)
 constexpr int kChunk = 64;   // bytes of K per warp step
@@ -89,8 +94,24 @@ __device__ __forceinline__ void store(void* out, int kind, long long i, int tota
   }
 }
 
+// Every block's shared-memory writes before it are visible to the cluster's blocks after it.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// Only waits: no memory ordering, so no wait for this block's own memory traffic to drain.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+// Start copying `bytes` (a multiple of 16, from a 16-byte aligned address) into L2; nothing waits for it.
+__device__ __forceinline__ void prefetch_to_l2(const void* ptr, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
+// Block until the kernel before this one has finished and its writes are visible; then let the next start.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+  asm volatile("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // `*ptr` in the shared memory of block `rank` of this cluster.
@@ -113,9 +134,21 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
   constexpr int kTokens = 8 * NT;
   constexpr int kRegs = 4 * NT * 4;  // each lane's sums: acc[row group][token tile][C fragment register]
   __shared__ int partial[kWarps / 2 * kRegs * 32];
+  // The output's scales: per column (i * kRows + j) the weight scale and bias, per token its scale and code sum.
+  __shared__ float col_scale[4 * kRows], col_bias[4 * kRows], token_scale[kTokens];
+  __shared__ int token_sum[kTokens];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, q = lane % 4;
   const int p0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+
+  // Threads [0, 4 * kRows) fetch a column's scales at once, threads [4 * kRows, + kTokens) a token's after the wait.
+  static_assert(4 * kRows + kTokens <= kThreads, "one thread per column and per token");
+  const int own_col = p0 + threadIdx.x % kRows + threadIdx.x / kRows * R;
+  const bool col_ok = threadIdx.x < 4 * kRows && p0 + threadIdx.x % kRows < R && own_col < N;
+  const float own_col_scale = col_ok ? w_scale[own_col * w_scale_stride] : 0.0f;
+  const float own_col_bias = col_ok && has_bias ? load_float(bias, out_kind, own_col) : 0.0f;
+  const int own_token = m0 + static_cast<int>(threadIdx.x) - 4 * kRows;
+  const bool token_ok = threadIdx.x >= 4 * kRows && own_token < M && threadIdx.x < 4 * kRows + kTokens;
 
   const bool lo_ok = p0 + g < R, hi_ok = p0 + g + 8 < R;
   const unsigned char* w_lo = weight + static_cast<long long>(lo_ok ? p0 + g : 0) * Kp + 16 * q;
@@ -133,6 +166,14 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
   const int chunks = Kp / kChunk;
   const int per_split = (chunks + SPLITS - 1) / SPLITS;
   const int first = blockIdx.z * per_split, end = min(chunks, first + per_split);
+  // The block's weights do not depend on the previous kernel: the copy engine brings them all into L2 while
+  // it ends, and the loads below then wait on L2 rather than on device memory.
+  if (blockIdx.y == 0 && threadIdx.x < kRows && p0 + threadIdx.x < R && first < end) {
+    prefetch_to_l2(weight + static_cast<long long>(p0 + threadIdx.x) * Kp + first * kChunk, (end - first) * kChunk);
+  }
+  wait_for_previous_kernel();
+  const float own_token_scale = token_ok ? x_scale[own_token] : 0.0f;
+  const int own_token_sum = token_ok ? x_sum[own_token] : 0;
   for (int base = first + warp; base < end; base += kWarps * DEPTH) {
     Words lo[DEPTH], hi[DEPTH], act[DEPTH][NT];
 #pragma unroll
@@ -157,8 +198,15 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
       }
     }
   }
+  if (threadIdx.x < 4 * kRows) {
+    col_scale[threadIdx.x] = own_col_scale;
+    col_bias[threadIdx.x] = own_col_bias;
+  } else if (threadIdx.x < 4 * kRows + kTokens) {
+    token_scale[threadIdx.x - 4 * kRows] = own_token_scale;
+    token_sum[threadIdx.x - 4 * kRows] = own_token_sum;
+  }
   // Add the warps' sums in a tree through shared memory, each lane's registers as they are (conflict-free);
-  // warp 0 ends with the block's sums and leaves them in slot 0.
+  // warp 0 ends with the block's sums and leaves them in slot 0. Its barriers also publish the scales above.
 #pragma unroll
   for (int half = kWarps / 2; half >= 1; half /= 2) {
     if (warp >= half && warp < 2 * half) {
@@ -190,15 +238,15 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
     if (m >= M || p0 + j >= R || col >= N) continue;
     const int reg = (i * NT + token / 8) * 4 + (j >= 8) * 2 + token % 2;
     const int* own = partial + reg * 32 + (j % 8) * 4 + token % 8 / 2;
-    int total = -x_sum[m];
+    int total = -token_sum[token];
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) total += SPLITS > 1 ? load_from_block(own, s) : *own;
     float value = 0.0f;
     if (out_kind != kInt32) {
-      value = __fmul_rn(static_cast<float>(total), __fmul_rn(x_scale[m], w_scale[col * w_scale_stride]));
-      if (has_bias) value = __fadd_rn(value, load_float(bias, out_kind, col));
+      value = __fmul_rn(static_cast<float>(total), __fmul_rn(token_scale[token], col_scale[i * kRows + j]));
+      if (has_bias) value = __fadd_rn(value, col_bias[i * kRows + j]);
     }
     store(out, out_kind, static_cast<long long>(m) * stride_out + col, total, value);
   }
-  if (SPLITS > 1) cluster_sync();  // each block's shared memory stays until the others have read it
+  if (SPLITS > 1) cluster_sync_relaxed();  // each block's shared memory stays until the others have read it
 }
