@@ -399,9 +399,10 @@ def _mma_kernel(
 @triton.jit
 def _unpack_kernel(w_ptr, out_ptr, R, KW, BLOCK_R: tl.constexpr, BLOCK_KW: tl.constexpr):
     """Our layout `[R, Kp]` to int8 weights `[4R, Kp]` in {-1, 0, 1} (row r + iR from bit field i), four
-    bytes per int32 word (`w_ptr`, `out_ptr` are int32 views, KW = Kp / 4): byte-wise code the instruction
-    count, not the bytes, was the limit. A field's codes c in {0, 1, 2} become c - 1 without a borrow from
-    one byte into the next: c + 127 stays under 256, and flipping its top bit subtracts 128."""
+    bytes per int32 word (`w_ptr`, `out_ptr` are int32 views, KW = Kp / 4): a byte at a time, the kernel
+    was bound by its instruction count rather than by its bytes. A field's codes c in {0, 1, 2} become
+    c - 1 with no borrow from one byte into the next: c + 127 stays under 256, and flipping its top bit
+    subtracts 128."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     words = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     ok = (rows[:, None] < R) & (words[None, :] < KW)
