@@ -176,6 +176,24 @@ def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[i
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
+def test_int8_gemm_with_a_short_last_wave_is_exact():
+    """Tiles for one full wave of the GPU and a few more: those few run as a second grid of smaller pieces."""
+    import triton
+
+    from bitnet158.kernels import gpu
+
+    config = gpu._gemm_config(2048)
+    k, n = 333, 2558  # the last column tile and the last row tile end inside
+    column_tiles = triton.cdiv(4 * -(-n // 4), config[1])
+    device = torch.device("cuda")
+    m = next(rows * config[0] - 37 for rows in range(2, 400)
+             if gpu._gemm_grids(rows * column_tiles, config, device)[0] < rows * column_tiles)
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act, padded, sums = _random_codes(m, k)
+    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True)
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
 @pytest.mark.parametrize(("block_r", "warps"), [(1, 2), (2, 4), (4, 8), (8, 16)])
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 333, 65), (3, 6912, 132), (2, 2560, 3840), (1, 8192, 8)])
 def test_every_fused_gemv_block_config_matches_the_reference(m: int, k: int, n: int, block_r: int, warps: int):
