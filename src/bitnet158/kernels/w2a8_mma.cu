@@ -205,24 +205,26 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
     token_scale[threadIdx.x - 4 * kRows] = own_token_scale;
     token_sum[threadIdx.x - 4 * kRows] = own_token_sum;
   }
-  // Add the warps' sums in a tree through shared memory, each lane's registers as they are (conflict-free);
-  // warp 0 ends with the block's sums and leaves them in slot 0. Its barriers also publish the scales above.
+  // Add the warps' sums through shared memory in two steps: the upper half of the warps stores its registers as
+  // they are (conflict-free), the lower half adds its own to them; then every thread adds up the kWarps / 2 slots
+  // for its share of the block's sums and leaves them in slot 0. A tree of halvings took three times the barriers
+  // with fewer warps at work. The barriers also publish the scales above.
+  constexpr int kSlot = kRegs * 32;
+  if (warp >= kWarps / 2) {
 #pragma unroll
-  for (int half = kWarps / 2; half >= 1; half /= 2) {
-    if (warp >= half && warp < 2 * half) {
-#pragma unroll
-      for (int j = 0; j < kRegs; ++j) partial[(warp - half) * kRegs * 32 + j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
-    }
-    __syncthreads();
-    if (warp < half) {
-#pragma unroll
-      for (int j = 0; j < kRegs; ++j) acc[j / (4 * NT)][j / 4 % NT][j % 4] += partial[warp * kRegs * 32 + j * 32 + lane];
-    }
-    __syncthreads();
+    for (int j = 0; j < kRegs; ++j) partial[(warp - kWarps / 2) * kSlot + j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
   }
-  if (warp == 0) {
+  __syncthreads();
+  if (warp < kWarps / 2) {
 #pragma unroll
-    for (int j = 0; j < kRegs; ++j) partial[j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
+    for (int j = 0; j < kRegs; ++j) partial[warp * kSlot + j * 32 + lane] += acc[j / (4 * NT)][j / 4 % NT][j % 4];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kSlot; idx += kThreads) {
+    int total = 0;
+#pragma unroll
+    for (int slot = 0; slot < kWarps / 2; ++slot) total += partial[slot * kSlot + idx];
+    partial[idx] = total;  // only this thread reads or writes column idx of the slots
   }
   if (SPLITS > 1) {
     cluster_sync();  // every block of the tile has its sums
