@@ -187,7 +187,7 @@ def test_int8_gemm_with_a_short_last_wave_is_exact():
     column_tiles = triton.cdiv(4 * -(-n // 4), config[1])
     device = torch.device("cuda")
     m = next(rows * config[0] - 37 for rows in range(2, 400)
-             if gpu._gemm_grids(rows * column_tiles, config, device)[0] < rows * column_tiles)
+             if gpu._tiles_in_full_waves(rows * column_tiles, config, device) < rows * column_tiles)
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
     act, padded, sums = _random_codes(m, k)
     got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True)

@@ -426,7 +426,7 @@ def _int8_gemm_kernel(
 
     The output is cut into TILE_M x TILE_N tiles in grouped order. Program p computes one BLOCK_M x BLOCK_N
     piece of tile `first_tile + p // pieces`: one piece per tile in the GEMM's full waves, several in a last,
-    short wave (see `_gemm_grids`)."""
+    short wave (see `_tiles_in_full_waves`)."""
     per_m: tl.constexpr = TILE_M // BLOCK_M
     per_n: tl.constexpr = TILE_N // BLOCK_N
     pid = tl.program_id(0)
@@ -558,19 +558,18 @@ TAIL_PIECE = 64
 TAIL_STAGES = 5
 
 
-def _gemm_grids(tiles: int, config: tuple[int, ...], device: torch.device) -> tuple[int, tuple[int, int]]:
-    """(tiles of the first grid, (BLOCK_M, BLOCK_N) of the pieces the rest is cut into). The rest is cut when
-    the GEMM has at least one full wave and its last wave would hold at most a tile per two multiprocessors."""
+def _tiles_in_full_waves(tiles: int, config: tuple[int, ...], device: torch.device) -> int:
+    """How many of the GEMM's tiles its first grid takes: all of them, unless the GEMM has at least one full wave
+    and its last wave would hold at most a tile per two multiprocessors; those are then cut into pieces."""
     block_m, block_n, block_k, _, stages = config
     # Blocks per multiprocessor, as its shared memory allows (the tiles' pipeline, plus 1 KB the GPU reserves).
     per_sm = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor // (
         stages * (block_m + block_n) * block_k + 1024)
     slots = max(1, per_sm) * _sm_count(device)
     last_wave = tiles % slots
-    piece = (min(block_m, TAIL_PIECE), min(block_n, TAIL_PIECE))
-    if tiles < slots or last_wave == 0 or 2 * last_wave > _sm_count(device):
-        return tiles, piece
-    return tiles - last_wave, piece
+    if tiles < slots or 2 * last_wave > _sm_count(device):
+        return tiles
+    return tiles - last_wave
 
 
 @functools.cache
@@ -661,7 +660,7 @@ def w2a8_matmul(
         weight.view(torch.int32), unpacked.view(torch.int32), r, kp // 4, BLOCK_R=16, BLOCK_KW=64,
         **_early_launch(codes.device))
     tiles = triton.cdiv(m, block_m) * triton.cdiv(4 * r, block_n)
-    full_tiles, (piece_m, piece_n) = _gemm_grids(tiles, (block_m, block_n, block_k, warps, stages), codes.device)
+    full_tiles = _tiles_in_full_waves(tiles, (block_m, block_n, block_k, warps, stages), codes.device)
     args = (codes, x_scale, unpacked, weight_scale, bias_arg, out, m, 4 * r, out_features, kp,
             codes.stride(0), out.stride(0), w_scale_stride)
     meta = dict(HAS_BIAS=bias is not None, INT_OUT=int_out, TILE_M=block_m, TILE_N=block_n, BLOCK_K=block_k,
@@ -669,6 +668,7 @@ def w2a8_matmul(
     _int8_gemm_kernel[(full_tiles,)](*args, 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
                                      num_stages=stages, **meta)
     if full_tiles < tiles:
+        piece_m, piece_n = min(block_m, TAIL_PIECE), min(block_n, TAIL_PIECE)
         pieces = (tiles - full_tiles) * (block_m // piece_m) * (block_n // piece_n)
         _int8_gemm_kernel[(pieces,)](*args, full_tiles, BLOCK_M=piece_m, BLOCK_N=piece_n, num_warps=4,
                                      num_stages=TAIL_STAGES, **meta)
