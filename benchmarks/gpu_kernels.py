@@ -16,7 +16,8 @@ The floor of each shape is the time, by the same method, of a kernel that only r
 weights (and stores one sum per program): no kernel that reads those bytes can be faster. An empty
 kernel's time is reported too: the part of every call that does not depend on the bytes at all.
 
-    python benchmarks/gpu_kernels.py [--sweep] [OUTPUT_JSON]    (default benchmarks/results/gpu_kernels.json)
+    python benchmarks/gpu_kernels.py [--sweep | --sweep-sequence] [OUTPUT_JSON]
+        (default output: benchmarks/results/gpu_kernels.json)
 """
 
 from __future__ import annotations
@@ -197,6 +198,34 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             del weights
 
 
+def _sequence_us(layers: list, inputs: list, configs: list, reps: int = 40) -> float:
+    """The CUDA kernel on each layer's weights (rotated) and inputs, with its config, back to back."""
+    def layer(i: int) -> None:
+        for (_, weights, scale), (codes, x_scale, sums, out), config in zip(layers, inputs, configs, strict=True):
+            gpu_mma.w2a8_mma(codes, x_scale, sums, weights[i % len(weights)], scale, out, config=config)
+    return median_us([functools.partial(layer, i) for i in range(max(len(w) for _, w, _ in layers))],
+                     reps=reps, sleep_cycles=5 * SLEEP_CYCLES)
+
+
+def sweep_sequence(batches: list[int]) -> None:
+    """Time each CUDA kernel config of one shape with the four shapes called back to back, the other three as
+    planned (to pick `gpu_mma.TUNED`: in sequence each kernel starts while the one before ends)."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    layers = [(n, [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))], torch.rand(n, device="cuda"))
+              for n, k in SHAPES.values()]
+    for m in batches:
+        inputs = [(*gpu.quantize_rows(torch.randn(m, w[0].shape[1], device="cuda", dtype=torch.bfloat16)),
+                   torch.empty(m, n, dtype=torch.bfloat16, device="cuda")) for n, w, _ in layers]
+        planned = [gpu_mma.plan(m, *w[0].shape, sm_count) for _, w, _ in layers]
+        for index, name in enumerate(SHAPES):
+            tokens = sorted({planned[index][0], 8 if m <= 8 else 16, 32 if m > 16 else 16})
+            configs = [(t, splits, depth) for t in tokens for splits in range(1, 9)
+                       for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
+            _report(f"sweep sequence M={m} {name} (planned {planned[index]})",
+                    [(_sequence_us(layers, inputs, planned[:index] + [c] + planned[index + 1:]), c) for c in configs])
+        print(f"sweep sequence M={m}: planned {_sequence_us(layers, inputs, planned, REPS):.2f} us", flush=True)
+
+
 def sweep_mma(batches: list[int]) -> None:
     """Time Triton tensor-core block configurations per shape and batch (to pick `_mma_config` and `_gemm_config`).
     Small M: (BLOCK_M, BLOCK_R, BLOCK_K, warps, stages, K splits); large M: (BLOCK_M, BLOCK_N, BLOCK_K, warps,
@@ -227,6 +256,9 @@ def sweep_mma(batches: list[int]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if "--sweep-sequence" in argv:
+        sweep_sequence([2, 4, 8, 16, 24, 32, 48, 64])
+        return
     if "--sweep" in argv:
         sweep_gemv()
         sweep_cuda_mma([2, 8, 16, 32, 64])

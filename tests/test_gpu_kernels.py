@@ -146,6 +146,22 @@ def test_every_cuda_mma_config_is_exact(m: int, k: int, n: int, config: tuple[in
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
+def test_every_tuned_cuda_mma_plan_is_exact():
+    """The configs tuned for the 2B4T shapes, at the largest batch of each bucket and at an odd one inside it."""
+    from bitnet158.kernels import gpu, gpu_mma
+
+    _skip_without_cuda_mma()
+    for (r, kp), buckets in gpu_mma.TUNED.items():
+        codes, packed, scale = _random_layer(4 * r, kp, per_row_scale=False)
+        weight = gpu.repack(packed)
+        for m in sorted({m for bucket in buckets for m in (bucket, bucket - 5)}):
+            act, padded, sums = _random_codes(m, kp)
+            config = gpu_mma.plan(m, r, kp, gpu_mma.TUNED_SM_COUNT)
+            got = torch.full((m, 4 * r), -1, dtype=torch.int32, device="cuda")
+            gpu_mma.w2a8_mma(padded, torch.ones(m, device="cuda"), sums, weight, scale, got, config=config)
+            assert torch.equal(got.cpu(), ternary_matmul(act, codes)), (r, kp, m, config)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
     from bitnet158.kernels import gpu, gpu_mma

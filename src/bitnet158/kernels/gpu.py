@@ -240,8 +240,10 @@ def _gemv_kernel(
     offs = tl.arange(0, BLOCK_KW)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
     row_ok = rows[:, None] < R
-    # Decode is bound by DRAM latency: each step requests the next chunk of weights before using this one.
+    # Decode is bound by DRAM latency: each step requests the next chunk of weights before using this one,
+    # and the first is requested before the kernel that writes the activations has finished.
     w = tl.load(w_rows + offs[None, :], mask=row_ok & (offs[None, :] < KW), other=0)
+    _wait_for_previous_kernel()
     acc0 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_KW], dtype=tl.int32)
@@ -632,6 +634,7 @@ def w2a8_matmul(
             codes.view(torch.int32), x_scale, weight.view(torch.int32), weight_scale, bias_arg, out,
             r, out_features, kp // 4, kp // 4, out.stride(0), w_scale_stride,
             HAS_BIAS=bias is not None, INT_OUT=int_out, BLOCK_R=block_r, BLOCK_KW=block_kw, num_warps=warps,
+            **_early_launch(codes.device),
         )
         return out
     if m <= MMA_MAX_M:

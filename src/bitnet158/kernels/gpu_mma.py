@@ -20,8 +20,7 @@ CHUNK = 64  # bytes of K per warp step: the padded K must be a multiple
 WARPS = 8
 THREADS = 32 * WARPS
 MAX_DEPTH = 6
-TOKEN_TILES = (8, 16, 32)
-MAX_M = 64  # past 32 rows, blocks of 16 or 32 tokens side by side (a 64-token block was slower)
+MAX_M = 64  # past 16 rows, blocks of 16 or 32 tokens side by side (a 64-token block was slower)
 OUT_KINDS = {torch.int32: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -75,15 +74,34 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# (tokens per block, K splits, loads in flight) for the 2B4T shapes (packed rows, padded K) on a GPU of 132
+# multiprocessors (H100, H200), by the largest batch of a bucket: the fastest config with the four shapes timed
+# back to back, one shape's config varied at a time (`benchmarks/gpu_kernels.py --sweep-sequence`, H100).
+# In sequence each kernel starts while the one before ends, which favours fewer loads in flight per lane (fewer
+# registers, more blocks resident early) than calls timed alone. Other shapes and GPUs take `plan`'s rule.
+TUNED_SM_COUNT = 132
+TUNED = {
+    (960, 2560): {8: (8, 2, 3), 16: (16, 2, 3), 32: (16, 1, 5), 48: (16, 1, 5), 64: (16, 1, 5)},  # qkv
+    (640, 2560): {8: (8, 3, 3), 16: (16, 3, 1), 32: (16, 4, 1), 48: (16, 2, 3), 64: (16, 1, 5)},  # o
+    (3456, 2560): {8: (8, 2, 1), 16: (16, 1, 5), 32: (32, 1, 1), 48: (16, 1, 1), 64: (32, 1, 1)},  # gate+up
+    (640, 6912): {8: (8, 4, 1), 16: (16, 5, 3), 32: (16, 4, 2), 48: (16, 2, 4), 64: (16, 2, 2)},  # down
+}
+
+
 def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int]:
-    """(tokens per block, K splits, loads in flight per lane). About 1.5 blocks per multiprocessor (splits
-    of K: at most 8, a portable cluster), and every lane's loads in flight at once."""
-    tokens = next(t for t in TOKEN_TILES if m <= t or t == TOKEN_TILES[-1])
+    """(tokens per block, K splits, loads in flight per lane): the tuned config where there is one, else about
+    1.5 blocks per multiprocessor (splits of K: at most 8, a portable cluster) and every lane's loads in flight
+    at once."""
+    tuned = TUNED.get((r, kp)) if sm_count == TUNED_SM_COUNT else None
+    if tuned:
+        return tuned[next(bucket for bucket in sorted(tuned) if m <= bucket)]
     row_blocks = -(-r // ROWS_PER_BLOCK)
-    if m > 32 and row_blocks * -(-m // 16) <= 2 * sm_count:
-        # Past 32 rows, 16-token blocks side by side while they fit the GPU about twice: each keeps several
-        # loads in flight where a 32-token block holds one (H200, 64 rows, qkv: 9.8 against 10.8 us).
-        tokens = 16
+    tokens = 8 if m <= 8 else 16
+    if m > 16 and -(-m // 32) * 32 == -(-m // 16) * 16 and row_blocks * -(-m // 16) > 2 * sm_count:
+        # 32-token blocks only where they pad no more than 16-token ones and the latter would fill the GPU more
+        # than twice: each 16-token block keeps several loads in flight where a 32-token block holds one (H100,
+        # 48 rows, gate+up in sequence: 39.4 against 42.4 us; 64 rows: 49.3 against 46.3).
+        tokens = 32
     tiles = row_blocks * -(-m // tokens)
     chunks = kp // CHUNK
     splits = max(1, min(round(1.5 * sm_count / tiles), chunks // 8, 8))
