@@ -97,9 +97,11 @@ def bench_shape(name: str, n: int, k: int, m: int, floor_us: float, config=None)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     codes, x_scale, sums = gpu.quantize_rows(x)
     ours = median_us([lambda w=w: gpu.w2a8_matmul(codes, x_scale, sums, w, scale, n, config=config) for w in weights])
+    # Two launches, four at 2,048 rows (unpacking, the GEMM in two grids): up to 0.3 ms of host time per call, so
+    # the longer sleep of `bench_sequence`.
     with_quant = median_us([
         lambda w=w: gpu.w2a8_matmul(*gpu.quantize_rows(x), w, scale, n, config=config) for w in weights
-    ])
+    ], sleep_cycles=5 * SLEEP_CYCLES)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(sets_for(2 * n * k))]
     cublas = median_us([lambda w=w: F.linear(x, w) for w in dense])
     del weights, dense
@@ -181,9 +183,16 @@ def sweep_gemv() -> None:
         del weights
 
 
+def _cuda_configs(token_options: set[int]) -> list[tuple[int, int, int, int]]:
+    """Every CUDA kernel config (tokens per block, K splits, loads in flight, row groups) whose partial sums fit
+    its 32 KB of shared memory."""
+    return [(tokens, splits, depth, groups) for tokens in sorted(token_options) for splits in range(1, 9)
+            for depth in range(1, gpu_mma.MAX_DEPTH + 1) for groups in (1, 2, 4, 8)
+            if tokens // 8 * max(4, groups) <= 16]
+
+
 def sweep_cuda_mma(batches: list[int]) -> None:
-    """Time the CUDA kernel's (tokens per block, K splits, loads in flight) per shape and batch (to pick
-    `gpu_mma.plan`)."""
+    """Time the CUDA kernel's configs per shape and batch (to pick `gpu_mma.plan`)."""
     for m in batches:
         for name, (n, k) in SHAPES.items():
             weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
@@ -191,8 +200,7 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             planned = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
-            configs = [(tokens, splits, depth) for tokens in sorted({planned, min(planned, 16)})
-                       for splits in range(1, 9) for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
+            configs = _cuda_configs({planned, min(planned, 16)})
             _report(f"sweep CUDA M={m} {name}",
                     [(_time_cuda(codes, x_scale, sums, weights, scale, out, c), c) for c in configs])
             del weights
@@ -218,9 +226,7 @@ def sweep_sequence(batches: list[int]) -> None:
                    torch.empty(m, n, dtype=torch.bfloat16, device="cuda")) for n, w, _ in layers]
         planned = [gpu_mma.plan(m, *w[0].shape, sm_count) for _, w, _ in layers]
         for index, name in enumerate(SHAPES):
-            tokens = sorted({planned[index][0], 8 if m <= 8 else 16, 32 if m > 16 else 16})
-            configs = [(t, splits, depth) for t in tokens for splits in range(1, 9)
-                       for depth in range(1, gpu_mma.MAX_DEPTH + 1)]
+            configs = _cuda_configs({planned[index][0], 8 if m <= 8 else 16, 32 if m > 16 else 16})
             _report(f"sweep sequence M={m} {name} (planned {planned[index]})",
                     [(_sequence_us(layers, inputs, planned[:index] + [c] + planned[index + 1:]), c) for c in configs])
         print(f"sweep sequence M={m}: planned {_sequence_us(layers, inputs, planned, REPS):.2f} us", flush=True)

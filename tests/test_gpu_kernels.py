@@ -120,9 +120,10 @@ def test_every_split_mma_config_is_exact(m: int, k: int, n: int, config: tuple[i
         assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
-# (tokens per block, K splits, loads in flight): one split or the most a cluster takes, a last split shorter
-# than the others, more loads in flight than a warp has chunks; rows past M and R, several token tiles.
-CUDA_MMA_CONFIGS = [(8, 1, 1), (8, 3, 6), (16, 8, 2), (32, 5, 1), (32, 2, 3)]
+# (tokens per block, K splits, loads in flight, row groups): one split or the most a cluster takes, a last split
+# shorter than the others, more loads in flight than a warp has chunks, one row group to one per warp; rows past M
+# and R, several token tiles.
+CUDA_MMA_CONFIGS = [(8, 1, 1, 1), (8, 3, 6, 2), (16, 8, 2, 4), (32, 5, 1, 1), (32, 2, 3, 4), (16, 1, 2, 8)]
 
 
 def _skip_without_cuda_mma() -> None:
@@ -135,7 +136,7 @@ def _skip_without_cuda_mma() -> None:
 @pytest.mark.parametrize("config", CUDA_MMA_CONFIGS)
 @pytest.mark.parametrize(
     ("m", "k", "n"), [(2, 333, 65), (9, 2560, 3840), (17, 6912, 130), (32, 1000, 7), (50, 2560, 301)])
-def test_every_cuda_mma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int]):
+def test_every_cuda_mma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int, int]):
     from bitnet158.kernels import gpu, gpu_mma
 
     _skip_without_cuda_mma()
@@ -178,7 +179,8 @@ def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
     assert torch.equal(got, ternary_linear(x, packed, scale, n, bias))
 
 
-@pytest.mark.parametrize("config", [(128, 128, 128, 4, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])
+@pytest.mark.parametrize(
+    "config", [(128, 128, 128, 4, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])
 @pytest.mark.parametrize(("m", "k", "n"), [(65, 333, 65), (300, 2560, 3841), (1000, 130, 1)])
 def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[int, ...]):
     from bitnet158.kernels import gpu
@@ -192,14 +194,15 @@ def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[i
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
-def test_int8_gemm_with_a_short_last_wave_is_exact():
+@pytest.mark.parametrize("k", [333, 4100])  # the narrow and the wide tiles
+def test_int8_gemm_with_a_short_last_wave_is_exact(k: int):
     """Tiles for one full wave of the GPU and a few more: those few run as a second grid of smaller pieces."""
     import triton
 
     from bitnet158.kernels import gpu
 
-    config = gpu._gemm_config(2048)
-    k, n = 333, 2558  # the last column tile and the last row tile end inside
+    n = 2558  # the last column tile and the last row tile end inside
+    config = gpu._gemm_config(gpu.padded_k(k))
     column_tiles = triton.cdiv(4 * -(-n // 4), config[1])
     device = torch.device("cuda")
     m = next(rows * config[0] - 37 for rows in range(2, 400)

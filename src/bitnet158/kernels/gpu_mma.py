@@ -15,7 +15,7 @@ from importlib import resources
 
 import torch
 
-ROWS_PER_BLOCK = 16  # packed rows: 64 output rows
+ROWS_PER_GROUP = 16  # packed rows (64 output rows) per row group of a block
 CHUNK = 64  # bytes of K per warp step: the padded K must be a multiple
 WARPS = 8
 THREADS = 32 * WARPS
@@ -33,9 +33,9 @@ def available(device: torch.device) -> bool:
 
 
 @functools.cache
-def _kernel(tokens: int, splits: int, depth: int, capability: tuple[int, int]):
+def _kernel(tokens: int, splits: int, depth: int, groups: int, capability: tuple[int, int]):
     source = resources.files("bitnet158.kernels").joinpath("w2a8_mma.cu").read_text()
-    name = f"w2a8_mma<{tokens // 8}, {depth}, {splits}>"
+    name = f"w2a8_mma<{tokens // 8}, {depth}, {splits}, {groups}>"
     return torch.cuda._compile_kernel(source, name, f"{capability[0]}{capability[1]}")
 
 
@@ -74,28 +74,30 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# (tokens per block, K splits, loads in flight) for the 2B4T shapes (packed rows, padded K) on a GPU of 132
+# (tokens per block, K splits, loads in flight, row groups) for the 2B4T shapes (packed rows, padded K) on a GPU of 132
 # multiprocessors (H100, H200), by the largest batch of a bucket: the fastest config with the four shapes timed
 # back to back, one shape's config varied at a time (`benchmarks/gpu_kernels.py --sweep-sequence`, H100).
 # In sequence each kernel starts while the one before ends, which favours fewer loads in flight per lane (fewer
-# registers, more blocks resident early) than calls timed alone. Other shapes and GPUs take `plan`'s rule.
+# registers, more blocks resident early) than calls timed alone. Row groups were swept later, over a smaller space
+# (splits 1-2, 1-3 loads, 1-4 groups): only gate+up gained. Other shapes and GPUs take `plan`'s rule.
 TUNED_SM_COUNT = 132
 TUNED = {
-    (960, 2560): {8: (8, 2, 3), 16: (16, 2, 3), 32: (16, 1, 5), 48: (16, 1, 5), 64: (16, 1, 5)},  # qkv
-    (640, 2560): {8: (8, 3, 3), 16: (16, 3, 1), 32: (16, 4, 1), 48: (16, 2, 3), 64: (16, 1, 5)},  # o
-    (3456, 2560): {8: (8, 2, 1), 16: (16, 1, 5), 32: (32, 1, 1), 48: (16, 1, 1), 64: (32, 1, 1)},  # gate+up
-    (640, 6912): {8: (8, 4, 1), 16: (16, 5, 3), 32: (16, 4, 2), 48: (16, 2, 4), 64: (16, 2, 2)},  # down
+    # qkv, o, gate+up, down
+    (960, 2560): {8: (8, 2, 3, 1), 16: (16, 2, 3, 1), 32: (16, 1, 5, 1), 48: (16, 1, 5, 1), 64: (16, 1, 5, 1)},
+    (640, 2560): {8: (8, 3, 3, 1), 16: (16, 3, 1, 1), 32: (16, 4, 1, 1), 48: (16, 2, 3, 1), 64: (16, 1, 5, 1)},
+    (3456, 2560): {8: (8, 2, 1, 1), 16: (16, 1, 5, 1), 32: (32, 1, 1, 1), 48: (16, 1, 2, 2), 64: (32, 1, 1, 2)},
+    (640, 6912): {8: (8, 4, 1, 1), 16: (16, 5, 3, 1), 32: (16, 4, 2, 1), 48: (16, 2, 4, 1), 64: (16, 2, 2, 1)},
 }
 
 
-def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int]:
-    """(tokens per block, K splits, loads in flight per lane): the tuned config where there is one, else about
-    1.5 blocks per multiprocessor (splits of K: at most 8, a portable cluster) and every lane's loads in flight
-    at once."""
+def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int, int]:
+    """(tokens per block, K splits, loads in flight per lane, row groups per block): the tuned config where
+    there is one, else about 1.5 blocks per multiprocessor (splits of K: at most 8, a portable cluster), every
+    lane's loads in flight at once and one row group."""
     tuned = TUNED.get((r, kp)) if sm_count == TUNED_SM_COUNT else None
     if tuned:
         return tuned[next(bucket for bucket in sorted(tuned) if m <= bucket)]
-    row_blocks = -(-r // ROWS_PER_BLOCK)
+    row_blocks = -(-r // ROWS_PER_GROUP)
     tokens = 8 if m <= 8 else 16
     if m > 16 and -(-m // 32) * 32 == -(-m // 16) * 16 and row_blocks * -(-m // 16) > 2 * sm_count:
         # 32-token blocks only where they pad no more than 16-token ones and the latter would fill the GPU more
@@ -108,7 +110,7 @@ def plan(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int]:
     per_warp = -(-chunks // (splits * WARPS))
     # Each load in flight holds 8 + 4 * tokens / 8 registers per lane: past 5 (16 tokens) or 1 (32 tokens) the
     # block's registers cost a block per multiprocessor (H200, 64 rows, down: 16.6 us at 6 against 15.3 at 5).
-    return tokens, splits, min(per_warp, {8: MAX_DEPTH, 16: 5, 32: 1}[tokens])
+    return tokens, splits, min(per_warp, {8: MAX_DEPTH, 16: 5, 32: 1}[tokens]), 1
 
 
 def w2a8_mma(
@@ -119,16 +121,16 @@ def w2a8_mma(
     weight_scale: torch.Tensor,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Fill `out [M, N]` (int32: the exact sums; else scaled, in its dtype) with `codes [M, Kp] @ W^T`.
-    `config` = (tokens per block, K splits, loads in flight) overrides `plan` (for tuning)."""
+    `config` = (tokens per block, K splits, loads in flight, row groups) overrides `plan` (for tuning)."""
     m, kp = codes.shape
     r = weight.shape[0]
-    tokens, splits, depth = config or plan(m, r, kp, _sm_count(codes.device))
-    kernel = _kernel(tokens, splits, depth, torch.cuda.get_device_capability(codes.device))
+    tokens, splits, depth, groups = config or plan(m, r, kp, _sm_count(codes.device))
+    kernel = _kernel(tokens, splits, depth, groups, torch.cuda.get_device_capability(codes.device))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    _launch(kernel, (-(-r // ROWS_PER_BLOCK), -(-m // tokens), splits), [
+    _launch(kernel, (-(-r // (ROWS_PER_GROUP * groups)), -(-m // tokens), splits), [
         pointer(codes.data_ptr()), pointer(x_scale.data_ptr()), pointer(code_sums.data_ptr()),
         pointer(weight.data_ptr()), pointer(weight_scale.data_ptr()), integer(0 if weight_scale.numel() == 1 else 1),
         pointer((weight_scale if bias is None else bias).data_ptr()), integer(bias is not None),

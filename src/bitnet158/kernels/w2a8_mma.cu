@@ -13,11 +13,11 @@
 // [16q, 16q + 16) of a 64-byte chunk of packed rows g and g + 8, and of token g. Its four words feed two
 // mma steps of 32 columns each. A warp thus reads 8 rows x 64 contiguous bytes per load: whole sectors.
 //
-// A block holds 16 packed rows (64 output rows) and 8 * NT tokens; its warps take turns over the 64-byte
-// chunks of its part of K, DEPTH chunks at a time, and add their int32 sums in shared memory. Few rows
-// leave little work per weight byte, so a tile's K is cut into SPLITS parts, one block each, and these
-// blocks form one thread-block cluster (Hopper): once all have their sums, each adds up its share of the
-// tile's outputs from every block's shared memory and writes it. No workspace, no counters, no second
+// A block holds GROUPS row groups of 16 packed rows (64 output rows each) and 8 * NT tokens; the warps of a
+// row group take turns over the 64-byte chunks of its part of K, DEPTH chunks at a time, and add their int32
+// sums in shared memory. Few rows leave little work per weight byte, so a tile's K is cut into SPLITS parts,
+// one block each, and these blocks form one thread-block cluster (Hopper): once all have their sums, each
+// adds up its share of the tile's outputs from every block's shared memory and writes it. No workspace, no counters, no second
 // pass through global memory. All sums are exact in int32; the scales are applied once, in the order of
 // `reference.ternary_linear`.
 //
@@ -124,35 +124,52 @@ __device__ __forceinline__ int load_from_block(const int* ptr, unsigned rank) {
   return value;
 }
 
-template <int NT, int DEPTH, int SPLITS>
+template <int NT, int DEPTH, int SPLITS, int GROUPS>
 __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_mma(
     const signed char* __restrict__ codes, const float* __restrict__ x_scale, const int* __restrict__ x_sum,
     const unsigned char* __restrict__ weight, const float* __restrict__ w_scale, int w_scale_stride,
     const void* __restrict__ bias, int has_bias, void* __restrict__ out, int out_kind, int M, int R, int N,
     int Kp, int stride_codes, int stride_out) {
-  static_assert(NT <= 4, "the tree of partial sums must fit in 48 KB of shared memory");
+  // The block's warps form GROUPS row groups of kRows packed rows; the kGroupWarps warps of a group take turns
+  // over its chunks of K. The groups read the same activations at about the same time: all but the first read
+  // of each comes from L1.
+  static_assert(kWarps % GROUPS == 0, "whole warps per row group");
+  constexpr int kGroupWarps = kWarps / GROUPS;
+  constexpr int kSlotsPerGroup = kGroupWarps > 1 ? kGroupWarps / 2 : 1;
   constexpr int kTokens = 8 * NT;
   constexpr int kRegs = 4 * NT * 4;  // each lane's sums: acc[row group][token tile][C fragment register]
-  __shared__ int partial[kWarps / 2 * kRegs * 32];
-  // The output's scales: per column (i * kRows + j) the weight scale and bias, per token its scale and code sum.
-  __shared__ float col_scale[4 * kRows], col_bias[4 * kRows], token_scale[kTokens];
+  constexpr int kSlot = kRegs * 32;
+  constexpr int kCols = 4 * kRows * GROUPS;  // output columns of the block
+  constexpr int kColsPerThread = (kCols + kThreads - 1) / kThreads;
+  static_assert(GROUPS * kSlotsPerGroup * kSlot * 4 <= 32768, "the partial sums must leave room in 48 KB of shared memory");
+  static_assert(kTokens <= kThreads, "one thread per token");
+  __shared__ int partial[GROUPS * kSlotsPerGroup * kSlot];
+  // The output's scales: per column (c = group * 4 * kRows + i * kRows + j) the weight scale and bias, per token
+  // its scale and code sum.
+  __shared__ float col_scale[kCols], col_bias[kCols], token_scale[kTokens];
   __shared__ int token_sum[kTokens];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = warp / kGroupWarps, group_warp = warp % kGroupWarps;
   const int g = lane / 4, q = lane % 4;
-  const int p0 = blockIdx.x * kRows, m0 = blockIdx.y * kTokens;
+  const int p0 = blockIdx.x * kRows * GROUPS, m0 = blockIdx.y * kTokens;
 
-  // Threads [0, 4 * kRows) fetch a column's scales at once, threads [4 * kRows, + kTokens) a token's after the wait.
-  static_assert(4 * kRows + kTokens <= kThreads, "one thread per column and per token");
-  const int own_col = p0 + threadIdx.x % kRows + threadIdx.x / kRows * R;
-  const bool col_ok = threadIdx.x < 4 * kRows && p0 + threadIdx.x % kRows < R && own_col < N;
-  const float own_col_scale = col_ok ? w_scale[own_col * w_scale_stride] : 0.0f;
-  const float own_col_bias = col_ok && has_bias ? load_float(bias, out_kind, own_col) : 0.0f;
-  const int own_token = m0 + static_cast<int>(threadIdx.x) - 4 * kRows;
-  const bool token_ok = threadIdx.x >= 4 * kRows && own_token < M && threadIdx.x < 4 * kRows + kTokens;
+  // Each thread fetches the scales of its columns at once, and of its token after the wait.
+  float own_col_scale[kColsPerThread], own_col_bias[kColsPerThread];
+#pragma unroll
+  for (int s = 0; s < kColsPerThread; ++s) {
+    const int c = threadIdx.x + s * kThreads;
+    const int p = p0 + c / (4 * kRows) * kRows + c % kRows, col = p + c / kRows % 4 * R;
+    const bool ok = c < kCols && p < R && col < N;
+    own_col_scale[s] = ok ? w_scale[col * w_scale_stride] : 0.0f;
+    own_col_bias[s] = ok && has_bias ? load_float(bias, out_kind, col) : 0.0f;
+  }
+  const int own_token = m0 + static_cast<int>(threadIdx.x);
+  const bool token_ok = threadIdx.x < kTokens && own_token < M;
 
-  const bool lo_ok = p0 + g < R, hi_ok = p0 + g + 8 < R;
-  const unsigned char* w_lo = weight + static_cast<long long>(lo_ok ? p0 + g : 0) * Kp + 16 * q;
-  const unsigned char* w_hi = weight + static_cast<long long>(hi_ok ? p0 + g + 8 : 0) * Kp + 16 * q;
+  const int row = p0 + group * kRows + g;
+  const bool lo_ok = row < R, hi_ok = row + 8 < R;
+  const unsigned char* w_lo = weight + static_cast<long long>(lo_ok ? row : 0) * Kp + 16 * q;
+  const unsigned char* w_hi = weight + static_cast<long long>(hi_ok ? row + 8 : 0) * Kp + 16 * q;
   const signed char* a_row[NT];
   bool a_ok[NT];
 #pragma unroll
@@ -168,17 +185,17 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
   const int first = blockIdx.z * per_split, end = min(chunks, first + per_split);
   // The block's weights do not depend on the previous kernel: the copy engine brings them all into L2 while
   // it ends, and the loads below then wait on L2 rather than on device memory.
-  if (blockIdx.y == 0 && threadIdx.x < kRows && p0 + threadIdx.x < R && first < end) {
+  if (blockIdx.y == 0 && threadIdx.x < kRows * GROUPS && p0 + threadIdx.x < R && first < end) {
     prefetch_to_l2(weight + static_cast<long long>(p0 + threadIdx.x) * Kp + first * kChunk, (end - first) * kChunk);
   }
   wait_for_previous_kernel();
   const float own_token_scale = token_ok ? x_scale[own_token] : 0.0f;
   const int own_token_sum = token_ok ? x_sum[own_token] : 0;
-  for (int base = first + warp; base < end; base += kWarps * DEPTH) {
+  for (int base = first + group_warp; base < end; base += kGroupWarps * DEPTH) {
     Words lo[DEPTH], hi[DEPTH], act[DEPTH][NT];
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {  // every load first, so that DEPTH of them are in flight
-      const int c = base + d * kWarps;
+      const int c = base + d * kGroupWarps;
       lo[d] = load_weights(w_lo + c * kChunk, lo_ok && c < end);
       hi[d] = load_weights(w_hi + c * kChunk, hi_ok && c < end);
 #pragma unroll
@@ -198,33 +215,43 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
       }
     }
   }
-  if (threadIdx.x < 4 * kRows) {
-    col_scale[threadIdx.x] = own_col_scale;
-    col_bias[threadIdx.x] = own_col_bias;
-  } else if (threadIdx.x < 4 * kRows + kTokens) {
-    token_scale[threadIdx.x - 4 * kRows] = own_token_scale;
-    token_sum[threadIdx.x - 4 * kRows] = own_token_sum;
-  }
-  // Add the warps' sums through shared memory in two steps: the upper half of the warps stores its registers as
-  // they are (conflict-free), the lower half adds its own to them; then every thread adds up the kWarps / 2 slots
-  // for its share of the block's sums and leaves them in slot 0. A tree of halvings took three times the barriers
-  // with fewer warps at work. The barriers also publish the scales above.
-  constexpr int kSlot = kRegs * 32;
-  if (warp >= kWarps / 2) {
 #pragma unroll
-    for (int j = 0; j < kRegs; ++j) partial[(warp - kWarps / 2) * kSlot + j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
+  for (int s = 0; s < kColsPerThread; ++s) {
+    const int c = threadIdx.x + s * kThreads;
+    if (c < kCols) {
+      col_scale[c] = own_col_scale[s];
+      col_bias[c] = own_col_bias[s];
+    }
+  }
+  if (threadIdx.x < kTokens) {
+    token_scale[threadIdx.x] = own_token_scale;
+    token_sum[threadIdx.x] = own_token_sum;
+  }
+  // Add each group's warp sums through shared memory in two steps: the upper half of its warps stores its
+  // registers as they are (conflict-free), the lower half adds its own to them; then every thread adds up the
+  // slots for its share of the sums and leaves them in the group's first slot. A tree of halvings took three
+  // times the barriers with fewer warps at work. The barriers also publish the scales above.
+  int* own_slot = partial + (group * kSlotsPerGroup + group_warp % kSlotsPerGroup) * kSlot;
+  if (kGroupWarps == 1 || group_warp >= kGroupWarps / 2) {
+#pragma unroll
+    for (int j = 0; j < kRegs; ++j) own_slot[j * 32 + lane] = acc[j / (4 * NT)][j / 4 % NT][j % 4];
   }
   __syncthreads();
-  if (warp < kWarps / 2) {
+  if (kGroupWarps > 1) {
+    if (group_warp < kGroupWarps / 2) {
 #pragma unroll
-    for (int j = 0; j < kRegs; ++j) partial[warp * kSlot + j * 32 + lane] += acc[j / (4 * NT)][j / 4 % NT][j % 4];
+      for (int j = 0; j < kRegs; ++j) own_slot[j * 32 + lane] += acc[j / (4 * NT)][j / 4 % NT][j % 4];
+    }
+    __syncthreads();
   }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < kSlot; idx += kThreads) {
-    int total = 0;
+  if (kSlotsPerGroup > 1) {
+    for (int idx = threadIdx.x; idx < GROUPS * kSlot; idx += kThreads) {
+      int* slots = partial + idx / kSlot * kSlotsPerGroup * kSlot + idx % kSlot;
+      int total = 0;
 #pragma unroll
-    for (int slot = 0; slot < kWarps / 2; ++slot) total += partial[slot * kSlot + idx];
-    partial[idx] = total;  // only this thread reads or writes column idx of the slots
+      for (int slot = 0; slot < kSlotsPerGroup; ++slot) total += slots[slot * kSlot];
+      slots[0] = total;  // only this thread reads or writes this column of the slots
+    }
   }
   if (SPLITS > 1) {
     cluster_sync();  // every block of the tile has its sums
@@ -232,21 +259,24 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
     __syncthreads();
   }
 
-  // Output: token-major, 16 consecutive output columns per row group; block z writes every SPLITS-th.
+  // Output: token-major, kRows * GROUPS consecutive output columns per i; block z writes every SPLITS-th.
   // C fragment of mma (i, t): c0, c1 at packed row g, tokens 8t + 2q and 8t + 2q + 1; c2, c3 at row g + 8.
-  for (int idx = blockIdx.z * kThreads + threadIdx.x; idx < kRegs * 32; idx += SPLITS * kThreads) {
-    const int token = idx / (4 * kRows), i = idx / kRows % 4, j = idx % kRows;
-    const int m = m0 + token, col = p0 + j + i * R;
-    if (m >= M || p0 + j >= R || col >= N) continue;
+  constexpr int kRowsOfBlock = kRows * GROUPS;
+  for (int idx = blockIdx.z * kThreads + threadIdx.x; idx < GROUPS * kSlot; idx += SPLITS * kThreads) {
+    const int token = idx / (4 * kRowsOfBlock), i = idx / kRowsOfBlock % 4, jj = idx % kRowsOfBlock;
+    const int grp = jj / kRows, j = jj % kRows;
+    const int m = m0 + token, col = p0 + jj + i * R;
+    if (m >= M || p0 + jj >= R || col >= N) continue;
     const int reg = (i * NT + token / 8) * 4 + (j >= 8) * 2 + token % 2;
-    const int* own = partial + reg * 32 + (j % 8) * 4 + token % 8 / 2;
+    const int* own = partial + grp * kSlotsPerGroup * kSlot + reg * 32 + (j % 8) * 4 + token % 8 / 2;
     int total = -token_sum[token];
 #pragma unroll
     for (int s = 0; s < SPLITS; ++s) total += SPLITS > 1 ? load_from_block(own, s) : *own;
     float value = 0.0f;
     if (out_kind != kInt32) {
-      value = __fmul_rn(static_cast<float>(total), __fmul_rn(token_scale[token], col_scale[i * kRows + j]));
-      if (has_bias) value = __fadd_rn(value, col_bias[i * kRows + j]);
+      const int c = grp * 4 * kRows + i * kRows + j;
+      value = __fmul_rn(static_cast<float>(total), __fmul_rn(token_scale[token], col_scale[c]));
+      if (has_bias) value = __fadd_rn(value, col_bias[c]);
     }
     store(out, out_kind, static_cast<long long>(m) * stride_out + col, total, value);
   }
