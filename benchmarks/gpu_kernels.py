@@ -184,11 +184,10 @@ def sweep_gemv() -> None:
 
 
 def _cuda_configs(token_options: set[int]) -> list[tuple[int, int, int, int]]:
-    """Every CUDA kernel config (tokens per block, K splits, loads in flight, row groups) whose partial sums fit
-    its 32 KB of shared memory."""
+    """Every CUDA kernel config (tokens per block, K splits, loads in flight, row groups) that fits its shared
+    memory."""
     return [(tokens, splits, depth, groups) for tokens in sorted(token_options) for splits in range(1, 9)
-            for depth in range(1, gpu_mma.MAX_DEPTH + 1) for groups in (1, 2, 4, 8)
-            if tokens // 8 * max(4, groups) <= 16]
+            for depth in range(1, gpu_mma.MAX_DEPTH + 1) for groups in (1, 2, 4, 8) if gpu_mma.fits(tokens, groups)]
 
 
 def sweep_cuda_mma(batches: list[int]) -> None:

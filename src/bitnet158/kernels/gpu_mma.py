@@ -32,6 +32,12 @@ def available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
+def fits(tokens: int, groups: int) -> bool:
+    """Whether a block of `tokens` and `groups` row groups has room for its partial sums: 32 KB of shared memory,
+    four slots of 2 KB per 8 tokens (one per group past four groups)."""
+    return tokens // 8 * max(4, groups) <= 16
+
+
 @functools.cache
 def _kernel(tokens: int, splits: int, depth: int, groups: int, capability: tuple[int, int]):
     source = resources.files("bitnet158.kernels").joinpath("w2a8_mma.cu").read_text()

@@ -17,8 +17,8 @@
 // row group take turns over the 64-byte chunks of its part of K, DEPTH chunks at a time, and add their int32
 // sums in shared memory. Few rows leave little work per weight byte, so a tile's K is cut into SPLITS parts,
 // one block each, and these blocks form one thread-block cluster (Hopper): once all have their sums, each
-// adds up its share of the tile's outputs from every block's shared memory and writes it. No workspace, no counters, no second
-// pass through global memory. All sums are exact in int32; the scales are applied once, in the order of
+// adds up its share of the tile's outputs from every block's shared memory and writes it. No workspace, no
+// counters, no second pass through global memory. All sums are exact in int32; the scales are applied once, in the order of
 // `reference.ternary_linear`.
 //
 // The kernel is launched to overlap the one before it (programmatic dependent launch): it has its weights
@@ -137,11 +137,12 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads) w2a8_
   constexpr int kGroupWarps = kWarps / GROUPS;
   constexpr int kSlotsPerGroup = kGroupWarps > 1 ? kGroupWarps / 2 : 1;
   constexpr int kTokens = 8 * NT;
-  constexpr int kRegs = 4 * NT * 4;  // each lane's sums: acc[row group][token tile][C fragment register]
+  constexpr int kRegs = 4 * NT * 4;  // each lane's sums: acc[2-bit field][token tile][C fragment register]
   constexpr int kSlot = kRegs * 32;
   constexpr int kCols = 4 * kRows * GROUPS;  // output columns of the block
   constexpr int kColsPerThread = (kCols + kThreads - 1) / kThreads;
-  static_assert(GROUPS * kSlotsPerGroup * kSlot * 4 <= 32768, "the partial sums must leave room in 48 KB of shared memory");
+  static_assert(GROUPS * kSlotsPerGroup * kSlot * 4 <= 32768,
+                "the partial sums must leave room in 48 KB of shared memory (gpu_mma.fits)");
   static_assert(kTokens <= kThreads, "one thread per token");
   __shared__ int partial[GROUPS * kSlotsPerGroup * kSlot];
   // The output's scales: per column (c = group * 4 * kRows + i * kRows + j) the weight scale and bias, per token
