@@ -179,6 +179,48 @@ def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
     assert torch.equal(got, ternary_linear(x, packed, scale, n, bias))
 
 
+# (packed rows, tokens, stages, K splits) of the CUDA wgmma kernel: one to four row groups, one to four token
+# tiles, pipelines shorter and longer than K, clusters of up to 8 blocks.
+CUDA_WGMMA_CONFIGS = [(16, 64, 4, 1), (16, 64, 2, 3), (32, 128, 4, 1), (64, 64, 3, 2), (16, 256, 2, 1),
+                      (48, 64, 4, 8)]
+
+
+def _skip_without_cuda_wgmma() -> None:
+    from bitnet158.kernels import gpu_wgmma
+
+    if not gpu_wgmma.available(torch.device("cuda")):
+        pytest.skip("the CUDA wgmma kernel needs an sm_90 GPU and torch.cuda._compile_kernel")
+
+
+@pytest.mark.parametrize("config", CUDA_WGMMA_CONFIGS)
+@pytest.mark.parametrize(
+    ("m", "k", "n"), [(2, 333, 65), (17, 6912, 130), (64, 2560, 3840), (65, 1000, 7), (300, 2560, 3841)])
+def test_every_cuda_wgmma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int, int]):
+    from bitnet158.kernels import gpu, gpu_wgmma
+
+    _skip_without_cuda_wgmma()
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act, padded, sums = _random_codes(m, k)
+    got = torch.full((m, n), -1, dtype=torch.int32, device="cuda")
+    gpu_wgmma.w2a8_wgmma(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, got, config=config)
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("m", "k", "n"), [(13, 777, 301), (70, 2560, 2560)])  # 8-column stores and single ones
+def test_cuda_wgmma_scales_and_bias_like_the_reference(m: int, k: int, n: int, dtype: torch.dtype):
+    from bitnet158.kernels import gpu, gpu_wgmma
+
+    _skip_without_cuda_wgmma()
+    _, packed, scale = _random_layer(n, k, per_row_scale=True)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    codes, x_scale, sums = gpu.quantize_rows(x)
+    got = gpu_wgmma.w2a8_wgmma(codes, x_scale, sums, gpu.repack(packed), scale,
+                               torch.empty(m, n, dtype=dtype, device="cuda"), bias)
+    assert torch.equal(got, ternary_linear(x, packed, scale, n, bias))
+
+
 @pytest.mark.parametrize(
     "config", [(128, 128, 128, 4, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])
 @pytest.mark.parametrize(("m", "k", "n"), [(65, 333, 65), (300, 2560, 3841), (1000, 130, 1)])

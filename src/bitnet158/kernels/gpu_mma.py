@@ -15,6 +15,8 @@ from importlib import resources
 
 import torch
 
+from bitnet158.kernels import cuda_driver
+
 ROWS_PER_GROUP = 16  # packed rows (64 output rows) per row group of a block
 CHUNK = 64  # bytes of K per warp step: the padded K must be a multiple
 WARPS = 8
@@ -43,36 +45,6 @@ def _kernel(tokens: int, splits: int, depth: int, groups: int, capability: tuple
     source = resources.files("bitnet158.kernels").joinpath("w2a8_mma.cu").read_text()
     name = f"w2a8_mma<{tokens // 8}, {depth}, {splits}, {groups}>"
     return torch.cuda._compile_kernel(source, name, f"{capability[0]}{capability[1]}")
-
-
-@functools.cache
-def _driver() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value at offset 8
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
-
-
-_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_...: may start before the previous kernel ends
-_EARLY_START = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-
-
-def _launch(kernel, grid: tuple[int, int, int], args: list[ctypes._SimpleCData]) -> None:
-    """`kernel` on the current stream, with pointer and int arguments, allowed to start while the kernel before
-    it ends (it waits for it in the kernel). torch's own launcher costs tens of microseconds of host time per call."""
-    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(arg) for arg in args])
-    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(THREADS, 1, 1), shared_bytes=0,
-                           stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(_EARLY_START),
-                           num_attrs=1)
-    error = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, params, None)
-    if error:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA driver error {error}")
 
 
 @functools.cache
@@ -136,7 +108,7 @@ def w2a8_mma(
     tokens, splits, depth, groups = config or plan(m, r, kp, _sm_count(codes.device))
     kernel = _kernel(tokens, splits, depth, groups, torch.cuda.get_device_capability(codes.device))
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    _launch(kernel, (-(-r // (ROWS_PER_GROUP * groups)), -(-m // tokens), splits), [
+    cuda_driver.launch(kernel, (-(-r // (ROWS_PER_GROUP * groups)), -(-m // tokens), splits), THREADS, [
         pointer(codes.data_ptr()), pointer(x_scale.data_ptr()), pointer(code_sums.data_ptr()),
         pointer(weight.data_ptr()), pointer(weight_scale.data_ptr()), integer(0 if weight_scale.numel() == 1 else 1),
         pointer((weight_scale if bias is None else bias).data_ptr()), integer(bias is not None),

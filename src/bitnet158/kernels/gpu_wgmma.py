@@ -1,0 +1,78 @@
+"""The W2A8 kernel on Hopper's warpgroup tensor cores (`w2a8_wgmma.cu`): the copy engine brings packed
+weights and int8 activations into shared memory, each lane unpacks its A fragment from there into registers,
+and wgmma multiplies it with the activations in shared memory; the splits of K of a tile add up through the
+shared memory of a thread-block cluster. Each (rows, tokens, stages, splits) variant is compiled the first time
+it is used, by NVRTC, for sm_90a (wgmma exists on no other target)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from importlib import resources
+
+import torch
+
+from bitnet158.kernels import cuda_driver
+from bitnet158.kernels.gpu_mma import OUT_KINDS
+
+CHUNK = 128  # bytes of K per pipeline stage: the padded K must be a multiple
+THREADS = 160  # a warpgroup of consumers and a producer warp
+
+
+@functools.cache
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run here: wgmma needs compute capability 9.0 exactly (sm_90a code), and the NVRTC
+    entry point (`torch.cuda._compile_kernel`) a recent PyTorch."""
+    return (device.type == "cuda" and hasattr(torch.cuda, "_compile_kernel")
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def shared_bytes(rows: int, tokens: int, stages: int) -> int:
+    """Dynamic shared memory of a block (as `w2a8_wgmma.cu` lays it out): the pipeline's stages, or the int32
+    sums tile that reuses them, 1 KB to align them, the barriers, and the scales of the output."""
+    data = max(stages * (rows + tokens) * CHUNK, tokens * (4 * rows + 4) * 4)
+    return data + 1024 + 16 * stages + (8 * rows + 2 * tokens) * 4
+
+
+@functools.cache
+def _kernel(rows: int, tokens: int, stages: int, splits: int):
+    source = resources.files("bitnet158.kernels").joinpath("w2a8_wgmma.cu").read_text()
+    kernel = torch.cuda._compile_kernel(source, f"w2a8_wgmma<{rows}, {tokens}, {stages}, {splits}>", "90a")
+    cuda_driver.allow_shared_bytes(kernel, shared_bytes(rows, tokens, stages))
+    return kernel
+
+
+def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int]:
+    """(packed rows per block, tokens per block, stages, K splits)."""
+    if m <= 64:
+        return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4))
+    return 32, 128, 4, 1
+
+
+def w2a8_wgmma(
+    codes: torch.Tensor,
+    x_scale: torch.Tensor,
+    code_sums: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Fill `out [M, N]` (int32: the exact sums; else scaled, in its dtype) with `codes [M, Kp] @ W^T`.
+    `config` = (packed rows per block, tokens per block, stages, K splits) overrides `plan` (for tuning)."""
+    m, kp = codes.shape
+    r = weight.shape[0]
+    rows, tokens, stages, splits = config or plan(m, r, kp)
+    kernel = _kernel(rows, tokens, stages, splits)
+    weight_map = cuda_driver.byte_tile_map(weight.data_ptr(), r, kp, weight.stride(0), rows)
+    codes_map = cuda_driver.byte_tile_map(codes.data_ptr(), m, kp, codes.stride(0), tokens)
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    cuda_driver.launch(kernel, (-(-r // rows), -(-m // tokens), splits), THREADS, [
+        weight_map, codes_map, pointer(x_scale.data_ptr()), pointer(code_sums.data_ptr()),
+        pointer(weight_scale.data_ptr()), integer(0 if weight_scale.numel() == 1 else 1),
+        pointer((weight_scale if bias is None else bias).data_ptr()), integer(bias is not None),
+        pointer(out.data_ptr()), integer(OUT_KINDS[out.dtype]), integer(m), integer(r), integer(out.shape[1]),
+        integer(kp), integer(out.stride(0)),
+    ], shared_bytes(rows, tokens, stages))
+    return out

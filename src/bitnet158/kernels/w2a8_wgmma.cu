@@ -1,0 +1,344 @@
+// Ternary weights (2 bits) times int8 activations on Hopper's warpgroup tensor cores (wgmma), for batches too
+// large for the mma.sync kernel (`w2a8_mma.cu`) to keep its tensor cores busy. Compiled at first use with
+// NVRTC for sm_90a (`kernels/gpu_wgmma.py`), so it includes no header.
+//
+// Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
+// r, r + R, r + 2R, r + 3R at column k, two bits each. The weights are wgmma's A operand, taken from
+// registers: the copy engine (TMA) brings the packed bytes of ROWS packed rows into shared memory, each lane
+// loads the words of its A fragment from there and keeps one 2-bit field, `(word >> 2w) & 0x03030303`, so
+// that warp w of the warpgroup multiplies the output rows p + wR. The activations (the codes of TOKENS
+// tokens) are the B operand, read by the tensor cores straight from shared memory. The packed weights thus
+// never exist unpacked outside registers: a tile of K needs a quarter of the bytes an int8 weight tile would.
+//
+// A block is a producer warp, which keeps STAGES tiles of 128 bytes of K in flight (weights and activations,
+// 128-byte swizzled, completing on mbarriers), and one warpgroup of 4 consumer warps. Each consumer step takes
+// 32 columns: ROWS / 16 wgmma m64n64k32 per 64 tokens, from one of two sets of A registers, so the fragments
+// of the next step load while the tensor cores work. Few tokens leave little work per weight byte, so a tile's
+// K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums through
+// each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once,
+// in the order of `reference.ternary_linear`.
+//
+// The kernel is launched to overlap the one before it (programmatic dependent launch): the producer starts
+// the first stages' weight copies, which no kernel writes, before it waits for that kernel.
+
+constexpr int kChunk = 128;          // bytes of K per stage: one 128-byte swizzle row
+constexpr int kConsumers = 128;      // one warpgroup
+constexpr int kThreads = kConsumers + 32;
+
+// Output element types (`out_kind`).
+constexpr int kInt32 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3;
+
+struct alignas(64) TensorMap {  // CUtensorMap: opaque, 128 bytes, built on the host
+  unsigned long long words[16];
+};
+
+struct Ints {
+  int x, y, z, w;
+};
+
+__device__ __forceinline__ unsigned smem_address(const void* ptr) {
+  unsigned address;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
+  return address;
+}
+
+__device__ __forceinline__ void barrier_init(unsigned long long* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void barrier_expect_bytes(unsigned long long* bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+
+// Wait until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void barrier_wait(unsigned long long* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// Copy the box at (column x, row y) of a 2-D tensor into shared memory; completes on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int x, int y, unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(smem_address(dst)), "l"(map), "r"(x), "r"(y), "r"(smem_address(bar))
+      : "memory");
+}
+
+// Block until the kernel before this one has finished and its writes are visible; then let the next start.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+  asm volatile("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_sync_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
+}
+
+// Four ints at `ptr` in the shared memory of block `rank` of this cluster.
+__device__ __forceinline__ Ints load_from_block(const int* ptr, unsigned rank) {
+  unsigned remote;
+  Ints v;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(ptr)), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(remote) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Shared-memory descriptor of a K-major operand tile in 128-byte swizzled rows: 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long operand_descriptor(const void* tile) {
+  const unsigned long long address = smem_address(tile);
+  return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
+}
+
+// d[64 x 64] += a[64 x 32] (registers) * b[64 x 32]^T (shared memory), int8 in, int32 sums.
+__device__ __forceinline__ void wgmma_s8(int (&d)[32], const unsigned (&a)[4], unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p;\n}"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+        "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+        "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+        "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+__device__ __forceinline__ float load_float(const void* ptr, int kind, int i) {
+  if (kind == kBFloat16) return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(ptr)[i]) << 16);
+  if (kind == kFloat16) {
+    float v;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<const unsigned short*>(ptr)[i]));
+    return v;
+  }
+  return static_cast<const float*>(ptr)[i];
+}
+
+__device__ __forceinline__ unsigned short to_half_bits(int kind, float value) {
+  unsigned short bits;
+  if (kind == kBFloat16) {
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+  }
+  return bits;
+}
+
+template <int ROWS, int TOKENS, int STAGES, int SPLITS>
+__global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads, 1) w2a8_wgmma(
+    const __grid_constant__ TensorMap weight_map, const __grid_constant__ TensorMap codes_map,
+    const float* __restrict__ x_scale, const int* __restrict__ x_sum, const float* __restrict__ w_scale,
+    int w_scale_stride, const void* __restrict__ bias, int has_bias, void* __restrict__ out, int out_kind, int M,
+    int R, int N, int Kp, int stride_out) {
+  static_assert(ROWS % 16 == 0 && TOKENS % 64 == 0 && TOKENS <= 256, "whole wgmma tiles, one TMA box of tokens");
+  constexpr int kGroups = ROWS / 16;        // row groups: one wgmma each per 64 tokens and 32 columns
+  constexpr int kTokenTiles = TOKENS / 64;
+  constexpr int kCols = 4 * ROWS;           // output columns of the block, field-major: c = w * ROWS + r
+  constexpr int kPitch = kCols + 4;         // ints per token row of the sums tile (+4: no bank conflicts)
+  constexpr int kWeightBytes = ROWS * kChunk, kCodeBytes = TOKENS * kChunk;
+  constexpr int kStageBytes = kWeightBytes + kCodeBytes;
+  constexpr int kTileBytes = TOKENS * kPitch * 4;
+  constexpr int kDataBytes = STAGES * kStageBytes > kTileBytes ? STAGES * kStageBytes : kTileBytes;
+
+  extern __shared__ unsigned char raw_smem[];
+  // Swizzled TMA boxes must start at 1024-byte boundaries.
+  unsigned char* smem = raw_smem + ((1024 - smem_address(raw_smem) % 1024) % 1024);
+  int* tile = reinterpret_cast<int*>(smem);  // after the main loop: the block's int32 sums [TOKENS][kPitch]
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + kDataBytes);
+  unsigned long long* empty = full + STAGES;
+  float* col_scale = reinterpret_cast<float*>(empty + STAGES);
+  float* col_bias = col_scale + kCols;
+  float* token_scale = col_bias + kCols;
+  int* token_sum = reinterpret_cast<int*>(token_scale + TOKENS);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int p0 = blockIdx.x * ROWS, m0 = blockIdx.y * TOKENS;
+  const int chunks = Kp / kChunk;
+  const int per_split = (chunks + SPLITS - 1) / SPLITS;
+  const int first = blockIdx.z * per_split, end = min(chunks, first + per_split);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      barrier_init(&full[s], 1);
+      barrier_init(&empty[s], kConsumers / 32);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  // The weight scales and bias, which no kernel writes, before the wait.
+  for (int c = threadIdx.x; c < kCols; c += kThreads) {
+    const int p = p0 + c % ROWS, col = p + c / ROWS * R;
+    const bool ok = p < R && col < N;
+    col_scale[c] = ok ? w_scale[col * w_scale_stride] : 0.0f;
+    col_bias[c] = ok && has_bias ? load_float(bias, out_kind, col) : 0.0f;
+  }
+  __syncthreads();
+
+  int acc[kGroups][kTokenTiles][32] = {};
+  if (warp == kConsumers / 32) {
+    // Producer: one lane issues every copy. The first stages' weights go out before the wait.
+    if (lane == 0) {
+      const int early = min(STAGES, end - first);
+      for (int i = 0; i < early; ++i) {
+        barrier_expect_bytes(&full[i], kStageBytes);
+        tma_load(smem + i * kStageBytes, &weight_map, (first + i) * kChunk, p0, &full[i]);
+      }
+      wait_for_previous_kernel();
+      for (int i = 0; i < early; ++i) {
+        tma_load(smem + i * kStageBytes + kWeightBytes, &codes_map, (first + i) * kChunk, m0, &full[i]);
+      }
+      for (int i = early; first + i < end; ++i) {
+        const int s = i % STAGES;
+        barrier_wait(&empty[s], (i / STAGES - 1) & 1);
+        barrier_expect_bytes(&full[s], kStageBytes);
+        tma_load(smem + s * kStageBytes, &weight_map, (first + i) * kChunk, p0, &full[s]);
+        tma_load(smem + s * kStageBytes + kWeightBytes, &codes_map, (first + i) * kChunk, m0, &full[s]);
+      }
+    } else {
+      wait_for_previous_kernel();
+    }
+  } else {
+    wait_for_previous_kernel();
+    // Consumer warp `warp` keeps 2-bit field `warp` of each packed row: its output rows are p + warp * R.
+    // Lane (g, q) holds, per row group j, the A fragment of packed rows 16j + g and 16j + g + 8: columns
+    // 4q..4q+3 and 16+4q..16+4q+3 of each 32. In a 128-byte swizzled row r, 16-byte chunk c sits at c ^ (r % 8).
+    const int g = lane / 4, q = lane % 4, shift = 2 * warp;
+    unsigned a[2][kGroups][4];
+    const int steps = 4 * (end - first);
+    for (int n = 0; n < steps; ++n) {
+      const int i = n / 4, step = n % 4, s = i % STAGES;
+      if (step == 0) barrier_wait(&full[s], (i / STAGES) & 1);
+      // Before the A registers of step n - 2 are overwritten, its wgmmas must be done; that also frees the
+      // stage of the chunk before this one once its last step is.
+      wgmma_wait<1>();
+      if (step == 1 && i > 0 && lane == 0) barrier_arrive(&empty[(i - 1) % STAGES]);
+      const unsigned char* weights = smem + s * kStageBytes;
+      const unsigned long long codes = operand_descriptor(weights + kWeightBytes) + (32 * step >> 4);
+      unsigned (&frag)[kGroups][4] = a[n % 2];
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // h = 1: row g + 8
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // columns 16 * half + 4q of the step
+            const int row = 16 * j + g + 8 * h, c = 2 * step + half;
+            const unsigned word =
+                *reinterpret_cast<const unsigned*>(weights + row * kChunk + ((c ^ (row % 8)) * 16) + 4 * q);
+            frag[j][h + 2 * half] = (word >> shift) & 0x03030303u;
+          }
+        }
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+#pragma unroll
+        for (int t = 0; t < kTokenTiles; ++t) wgmma_s8(acc[j][t], frag[j], codes + (t * 64 * kChunk >> 4));
+      }
+      wgmma_commit();
+    }
+    wgmma_wait<0>();
+  }
+
+  // The sums of this block into its tile; the pipeline's shared memory is free once every consumer is done.
+  // C fragment of wgmma (j, t) at warp w: d[4b], d[4b+1] at row 16j + g, tokens 64t + 8b + 2q and + 1; d[4b+2],
+  // d[4b+3] at row 16j + g + 8.
+  __syncthreads();
+  if (warp < kConsumers / 32) {
+    const int g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int j = 0; j < kGroups; ++j) {
+#pragma unroll
+      for (int t = 0; t < kTokenTiles; ++t) {
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int token = 64 * t + 8 * b + 2 * q + e % 2, c = warp * ROWS + 16 * j + g + 8 * (e / 2);
+            tile[token * kPitch + c] = acc[j][t][4 * b + e];
+          }
+        }
+      }
+    }
+  }
+  for (int t = threadIdx.x; t < TOKENS; t += kThreads) {
+    const int m = m0 + t;
+    token_scale[t] = m < M ? x_scale[m] : 0.0f;
+    token_sum[t] = m < M ? x_sum[m] : 0;
+  }
+  if (SPLITS > 1) {
+    cluster_sync();  // every block of the tile has its sums
+  } else {
+    __syncthreads();
+  }
+
+  // Output: 8 consecutive columns of one field per unit, token-major; block z takes every SPLITS-th unit.
+  constexpr int kUnitsPerToken = kCols / 8;
+  for (int u = blockIdx.z * kThreads + threadIdx.x; u < TOKENS * kUnitsPerToken; u += SPLITS * kThreads) {
+    const int token = u / kUnitsPerToken, c0 = u % kUnitsPerToken * 8;
+    const int m = m0 + token, p = p0 + c0 % ROWS, col0 = p + c0 / ROWS * R;
+    const int count = min(8, min(R - p, N - col0));
+    if (m >= M || count <= 0) continue;
+    int total[8];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      Ints sum = {0, 0, 0, 0};
+#pragma unroll
+      for (int s = 0; s < SPLITS; ++s) {
+        const Ints v = SPLITS > 1 ? load_from_block(tile + token * kPitch + c0 + 4 * h, s)
+                                  : *reinterpret_cast<const Ints*>(tile + token * kPitch + c0 + 4 * h);
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+      }
+      total[4 * h] = sum.x, total[4 * h + 1] = sum.y, total[4 * h + 2] = sum.z, total[4 * h + 3] = sum.w;
+    }
+    const long long at = static_cast<long long>(m) * stride_out + col0;
+    if (out_kind == kInt32) {
+      int* dst = static_cast<int*>(out) + at;
+      for (int e = 0; e < count; ++e) dst[e] = total[e] - token_sum[token];
+      continue;
+    }
+    float value[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      value[e] = __fmul_rn(static_cast<float>(total[e] - token_sum[token]),
+                           __fmul_rn(token_scale[token], col_scale[c0 + e]));
+      if (has_bias) value[e] = __fadd_rn(value[e], col_bias[c0 + e]);
+    }
+    if (out_kind == kFloat32) {
+      float* dst = static_cast<float*>(out) + at;
+      for (int e = 0; e < count; ++e) dst[e] = value[e];
+      continue;
+    }
+    unsigned short* dst = static_cast<unsigned short*>(out) + at;
+    if (count == 8 && reinterpret_cast<unsigned long long>(dst) % 16 == 0) {
+      unsigned words[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        words[e] = to_half_bits(out_kind, value[2 * e]) | static_cast<unsigned>(to_half_bits(out_kind, value[2 * e + 1])) << 16;
+      }
+      asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(words[0]), "r"(words[1]),
+                   "r"(words[2]), "r"(words[3]) : "memory");
+    } else {
+      for (int e = 0; e < count; ++e) dst[e] = to_half_bits(out_kind, value[e]);
+    }
+  }
+  if (SPLITS > 1) cluster_sync_relaxed();  // each block's shared memory stays until the others have read it
+}
