@@ -179,10 +179,10 @@ def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
     assert torch.equal(got, ternary_linear(x, packed, scale, n, bias))
 
 
-# (packed rows, tokens, stages, K splits) of the CUDA wgmma kernel: one to four row groups, one to four token
-# tiles, pipelines shorter and longer than K, clusters of up to 8 blocks.
-CUDA_WGMMA_CONFIGS = [(16, 64, 4, 1), (16, 64, 2, 3), (32, 128, 4, 1), (64, 64, 3, 2), (16, 256, 2, 1),
-                      (48, 64, 4, 8)]
+# (packed rows, tokens, stages, K splits, consumer warpgroups) of the CUDA wgmma kernel: one to four row groups
+# per warpgroup, 64 to 256 tokens, pipelines shorter and longer than K, clusters of up to 8 blocks.
+CUDA_WGMMA_CONFIGS = [(16, 64, 4, 1, 1), (16, 64, 2, 3, 1), (32, 128, 4, 1, 1), (64, 64, 3, 2, 1),
+                      (16, 256, 2, 1, 1), (48, 64, 4, 8, 1), (64, 128, 4, 1, 2), (32, 192, 3, 2, 2)]
 
 
 def _skip_without_cuda_wgmma() -> None:
@@ -195,7 +195,7 @@ def _skip_without_cuda_wgmma() -> None:
 @pytest.mark.parametrize("config", CUDA_WGMMA_CONFIGS)
 @pytest.mark.parametrize(
     ("m", "k", "n"), [(2, 333, 65), (17, 6912, 130), (64, 2560, 3840), (65, 1000, 7), (300, 2560, 3841)])
-def test_every_cuda_wgmma_config_is_exact(m: int, k: int, n: int, config: tuple[int, int, int, int]):
+def test_every_cuda_wgmma_config_is_exact(m: int, k: int, n: int, config: tuple[int, ...]):
     from bitnet158.kernels import gpu, gpu_wgmma
 
     _skip_without_cuda_wgmma()

@@ -16,7 +16,6 @@ from bitnet158.kernels import cuda_driver
 from bitnet158.kernels.gpu_mma import OUT_KINDS
 
 CHUNK = 128  # bytes of K per pipeline stage: the padded K must be a multiple
-THREADS = 160  # a warpgroup of consumers and a producer warp
 
 
 @functools.cache
@@ -27,6 +26,11 @@ def available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+def threads(warpgroups: int) -> int:
+    """The consumer warpgroups and the producer warp."""
+    return 128 * warpgroups + 32
+
+
 def shared_bytes(rows: int, tokens: int, stages: int) -> int:
     """Dynamic shared memory of a block (as `w2a8_wgmma.cu` lays it out): the pipeline's stages, or the int32
     sums tile that reuses them, 1 KB to align them, the barriers, and the scales of the output."""
@@ -35,18 +39,19 @@ def shared_bytes(rows: int, tokens: int, stages: int) -> int:
 
 
 @functools.cache
-def _kernel(rows: int, tokens: int, stages: int, splits: int):
+def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
     source = resources.files("bitnet158.kernels").joinpath("w2a8_wgmma.cu").read_text()
-    kernel = torch.cuda._compile_kernel(source, f"w2a8_wgmma<{rows}, {tokens}, {stages}, {splits}>", "90a")
+    name = f"w2a8_wgmma<{rows}, {tokens}, {stages}, {splits}, {warpgroups}>"
+    kernel = torch.cuda._compile_kernel(source, name, "90a")
     cuda_driver.allow_shared_bytes(kernel, shared_bytes(rows, tokens, stages))
     return kernel
 
 
-def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int]:
-    """(packed rows per block, tokens per block, stages, K splits)."""
+def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int]:
+    """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups)."""
     if m <= 64:
-        return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4))
-    return 32, 128, 4, 1
+        return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4)), 1
+    return 32, 128, 4, 1, 1
 
 
 def w2a8_wgmma(
@@ -57,18 +62,19 @@ def w2a8_wgmma(
     weight_scale: torch.Tensor,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Fill `out [M, N]` (int32: the exact sums; else scaled, in its dtype) with `codes [M, Kp] @ W^T`.
-    `config` = (packed rows per block, tokens per block, stages, K splits) overrides `plan` (for tuning)."""
+    `config` = (packed rows per block, tokens per block, stages, K splits, consumer warpgroups) overrides `plan`
+    (for tuning)."""
     m, kp = codes.shape
     r = weight.shape[0]
-    rows, tokens, stages, splits = config or plan(m, r, kp)
-    kernel = _kernel(rows, tokens, stages, splits)
+    rows, tokens, stages, splits, warpgroups = config or plan(m, r, kp)
+    kernel = _kernel(rows, tokens, stages, splits, warpgroups)
     weight_map = cuda_driver.byte_tile_map(weight.data_ptr(), r, kp, weight.stride(0), rows)
     codes_map = cuda_driver.byte_tile_map(codes.data_ptr(), m, kp, codes.stride(0), tokens)
     pointer, integer = ctypes.c_void_p, ctypes.c_int
-    cuda_driver.launch(kernel, (-(-r // rows), -(-m // tokens), splits), THREADS, [
+    cuda_driver.launch(kernel, (-(-r // rows), -(-m // tokens), splits), threads(warpgroups), [
         weight_map, codes_map, pointer(x_scale.data_ptr()), pointer(code_sums.data_ptr()),
         pointer(weight_scale.data_ptr()), integer(0 if weight_scale.numel() == 1 else 1),
         pointer((weight_scale if bias is None else bias).data_ptr()), integer(bias is not None),

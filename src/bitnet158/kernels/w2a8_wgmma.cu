@@ -11,9 +11,10 @@
 // never exist unpacked outside registers: a tile of K needs a quarter of the bytes an int8 weight tile would.
 //
 // A block is a producer warp, which keeps STAGES tiles of 128 bytes of K in flight (weights and activations,
-// 128-byte swizzled, completing on mbarriers), and one warpgroup of 4 consumer warps. Each consumer step takes
-// 32 columns: ROWS / 16 wgmma m64n64k32 per 64 tokens, from one of two sets of A registers, so the fragments
-// of the next step load while the tensor cores work. Few tokens leave little work per weight byte, so a tile's
+// 128-byte swizzled, completing on mbarriers), and WARPGROUPS warpgroups of 4 consumer warps, each with its
+// share of the row groups (16 packed rows, 64 output rows). Each consumer step takes 32 columns: one wgmma
+// m64nNk32 (N = 64 or 128 tokens) per row group and N tokens, from the step's own set of A registers, so that
+// the fragments of the next steps load while the tensor cores work. Few tokens leave little work per weight byte, so a tile's
 // K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums through
 // each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once,
 // in the order of `reference.ternary_linear`.
@@ -22,8 +23,6 @@
 // the first stages' weight copies, which no kernel writes, before it waits for that kernel.
 
 constexpr int kChunk = 128;          // bytes of K per stage: one 128-byte swizzle row
-constexpr int kConsumers = 128;      // one warpgroup
-constexpr int kThreads = kConsumers + 32;
 
 // Output element types (`out_kind`).
 constexpr int kInt32 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3;
@@ -109,7 +108,7 @@ __device__ __forceinline__ unsigned long long operand_descriptor(const void* til
   return ((address & 0x3FFFF) >> 4) | (1ull << 16) | ((1024ull >> 4) << 32) | (1ull << 62);
 }
 
-// d[64 x 64] += a[64 x 32] (registers) * b[64 x 32]^T (shared memory), int8 in, int32 sums.
+// d[64 x N] += a[64 x 32] (registers) * b[N x 32]^T (shared memory), int8 in, int32 sums; N = 64 or 128.
 __device__ __forceinline__ void wgmma_s8(int (&d)[32], const unsigned (&a)[4], unsigned long long b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -121,6 +120,26 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[32], const unsigned (&a)[4], u
         "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
         "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
         "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], const unsigned (&a)[4], unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, p;\n}"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]),
+        "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]),
+        "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]),
+        "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]),
+        "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]),
+        "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]),
+        "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
+        "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
@@ -144,15 +163,18 @@ __device__ __forceinline__ unsigned short to_half_bits(int kind, float value) {
   return bits;
 }
 
-template <int ROWS, int TOKENS, int STAGES, int SPLITS>
-__global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads, 1) w2a8_wgmma(
+template <int ROWS, int TOKENS, int STAGES, int SPLITS, int WARPGROUPS>
+__global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUPS + 32, 1) w2a8_wgmma(
     const __grid_constant__ TensorMap weight_map, const __grid_constant__ TensorMap codes_map,
     const float* __restrict__ x_scale, const int* __restrict__ x_sum, const float* __restrict__ w_scale,
     int w_scale_stride, const void* __restrict__ bias, int has_bias, void* __restrict__ out, int out_kind, int M,
     int R, int N, int Kp, int stride_out) {
   static_assert(ROWS % 16 == 0 && TOKENS % 64 == 0 && TOKENS <= 256, "whole wgmma tiles, one TMA box of tokens");
-  constexpr int kGroups = ROWS / 16;        // row groups: one wgmma each per 64 tokens and 32 columns
-  constexpr int kTokenTiles = TOKENS / 64;
+  static_assert(ROWS % (16 * WARPGROUPS) == 0, "whole row groups per warpgroup");
+  constexpr int kConsumers = 128 * WARPGROUPS, kThreads = kConsumers + 32;
+  constexpr int kGroups = ROWS / 16 / WARPGROUPS;  // row groups of a warpgroup: one wgmma each per step
+  constexpr int kN = TOKENS % 128 == 0 ? 128 : 64;  // tokens per wgmma
+  constexpr int kTokenTiles = TOKENS / kN;
   constexpr int kCols = 4 * ROWS;           // output columns of the block, field-major: c = w * ROWS + r
   constexpr int kPitch = kCols + 4;         // ints per token row of the sums tile (+4: no bank conflicts)
   constexpr int kWeightBytes = ROWS * kChunk, kCodeBytes = TOKENS * kChunk;
@@ -193,7 +215,7 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads, 1) w2
   }
   __syncthreads();
 
-  int acc[kGroups][kTokenTiles][32] = {};
+  int acc[kGroups][kTokenTiles][kN / 2] = {};
   if (warp == kConsumers / 32) {
     // Producer: one lane issues every copy. The first stages' weights go out before the wait.
     if (lane == 0) {
@@ -218,49 +240,52 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads, 1) w2
     }
   } else {
     wait_for_previous_kernel();
-    // Consumer warp `warp` keeps 2-bit field `warp` of each packed row: its output rows are p + warp * R.
+    // Consumer warp w of warpgroup v keeps 2-bit field w of its packed rows: its output rows are p + wR.
     // Lane (g, q) holds, per row group j, the A fragment of packed rows 16j + g and 16j + g + 8: columns
     // 4q..4q+3 and 16+4q..16+4q+3 of each 32. In a 128-byte swizzled row r, 16-byte chunk c sits at c ^ (r % 8).
-    const int g = lane / 4, q = lane % 4, shift = 2 * warp;
-    unsigned a[2][kGroups][4];
-    const int steps = 4 * (end - first);
-    for (int n = 0; n < steps; ++n) {
-      const int i = n / 4, step = n % 4, s = i % STAGES;
-      if (step == 0) barrier_wait(&full[s], (i / STAGES) & 1);
-      // Before the A registers of step n - 2 are overwritten, its wgmmas must be done; that also frees the
-      // stage of the chunk before this one once its last step is.
-      wgmma_wait<1>();
-      if (step == 1 && i > 0 && lane == 0) barrier_arrive(&empty[(i - 1) % STAGES]);
+    const int g = lane / 4, q = lane % 4, shift = 2 * (warp % 4), first_row = warp / 4 * kGroups * 16;
+    unsigned a[4][kGroups][4];  // one set per step of a chunk
+    for (int i = 0; i < end - first; ++i) {
+      const int s = i % STAGES;
+      barrier_wait(&full[s], (i / STAGES) & 1);
       const unsigned char* weights = smem + s * kStageBytes;
-      const unsigned long long codes = operand_descriptor(weights + kWeightBytes) + (32 * step >> 4);
-      unsigned (&frag)[kGroups][4] = a[n % 2];
+      const unsigned long long codes = operand_descriptor(weights + kWeightBytes);
 #pragma unroll
-      for (int j = 0; j < kGroups; ++j) {
+      for (int step = 0; step < 4; ++step) {
+        // This step's registers were last read by the same step of the chunk before: wait for it (three steps
+        // stay in flight). At the last step the chunk before is then done, and its stage goes back.
+        wgmma_wait<3>();
+        if (step == 3 && i > 0 && lane == 0) barrier_arrive(&empty[(i - 1) % STAGES]);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // h = 1: row g + 8
+        for (int j = 0; j < kGroups; ++j) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {  // columns 16 * half + 4q of the step
-            const int row = 16 * j + g + 8 * h, c = 2 * step + half;
-            const unsigned word =
-                *reinterpret_cast<const unsigned*>(weights + row * kChunk + ((c ^ (row % 8)) * 16) + 4 * q);
-            frag[j][h + 2 * half] = (word >> shift) & 0x03030303u;
+          for (int h = 0; h < 2; ++h) {  // h = 1: row g + 8
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {  // columns 16 * half + 4q of the step
+              const int row = first_row + 16 * j + g + 8 * h, c = 2 * step + half;
+              const unsigned word =
+                  *reinterpret_cast<const unsigned*>(weights + row * kChunk + ((c ^ (row % 8)) * 16) + 4 * q);
+              a[step][j][h + 2 * half] = (word >> shift) & 0x03030303u;
+            }
           }
         }
-      }
-      wgmma_fence();
+        wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < kGroups; ++j) {
+        for (int j = 0; j < kGroups; ++j) {
 #pragma unroll
-        for (int t = 0; t < kTokenTiles; ++t) wgmma_s8(acc[j][t], frag[j], codes + (t * 64 * kChunk >> 4));
+          for (int t = 0; t < kTokenTiles; ++t) {
+            wgmma_s8(acc[j][t], a[step][j], codes + ((t * kN * kChunk + 32 * step) >> 4));
+          }
+        }
+        wgmma_commit();
       }
-      wgmma_commit();
     }
     wgmma_wait<0>();
   }
 
   // The sums of this block into its tile; the pipeline's shared memory is free once every consumer is done.
-  // C fragment of wgmma (j, t) at warp w: d[4b], d[4b+1] at row 16j + g, tokens 64t + 8b + 2q and + 1; d[4b+2],
-  // d[4b+3] at row 16j + g + 8.
+  // C fragment of wgmma (j, t) at warp w: d[4b], d[4b+1] at the warpgroup's row 16j + g, tokens Nt + 8b + 2q
+  // and + 1; d[4b+2], d[4b+3] at row 16j + g + 8.
   __syncthreads();
   if (warp < kConsumers / 32) {
     const int g = lane / 4, q = lane % 4;
@@ -269,10 +294,11 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(kThreads, 1) w2
 #pragma unroll
       for (int t = 0; t < kTokenTiles; ++t) {
 #pragma unroll
-        for (int b = 0; b < 8; ++b) {
+        for (int b = 0; b < kN / 8; ++b) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int token = 64 * t + 8 * b + 2 * q + e % 2, c = warp * ROWS + 16 * j + g + 8 * (e / 2);
+            const int token = kN * t + 8 * b + 2 * q + e % 2;
+            const int c = warp % 4 * ROWS + warp / 4 * kGroups * 16 + 16 * j + g + 8 * (e / 2);
             tile[token * kPitch + c] = acc[j][t][4 * b + e];
           }
         }
