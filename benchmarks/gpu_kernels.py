@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bitnet158.kernels import gpu, gpu_mma
+from bitnet158.kernels import gpu, gpu_mma, gpu_wgmma
 
 SHAPES = {"qkv": (3840, 2560), "o": (2560, 2560), "gate+up": (13824, 2560), "down": (2560, 6912)}
 MICROSOFT_M1_US = {"qkv": 9.1, "o": 9.0, "gate+up": 12.4, "down": 15.5}
@@ -148,6 +148,11 @@ def _time_cuda(codes, x_scale, sums, weights, scale, out, config) -> float:
     return median_us(calls, reps=60)
 
 
+def _time_wgmma(codes, x_scale, sums, weights, scale, out, config) -> float:
+    calls = [lambda w=w: gpu_wgmma.w2a8_wgmma(codes, x_scale, sums, w, scale, out, config=config) for w in weights]
+    return median_us(calls, reps=60)
+
+
 # The epilogue each shape has in the decode step (`generation.gpu_decode`).
 FUSED_EPILOGUES = {"qkv": "none", "o": "residual", "gate+up": "relu2_gate_up", "down": "residual"}
 
@@ -202,6 +207,32 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             configs = _cuda_configs({planned, min(planned, 16)})
             _report(f"sweep CUDA M={m} {name}",
                     [(_time_cuda(codes, x_scale, sums, weights, scale, out, c), c) for c in configs])
+            del weights
+
+
+def _wgmma_configs(m: int) -> list[tuple[int, int, int, int, int]]:
+    """The CUDA wgmma kernel's configs (packed rows, tokens, stages, K splits, consumer warpgroups) whose sums fit
+    128 registers per thread and whose block fits the shared memory."""
+    if m <= 64:
+        space = [(rows, 64, stages, splits, groups) for rows in (16, 32, 64) for stages in (4, 6)
+                 for splits in (1, 2, 4) for groups in (1, 2)]
+    else:
+        space = [(rows, tokens, stages, 1, groups) for rows in (16, 32, 64, 128) for tokens in (64, 128, 256)
+                 for stages in (3, 4) for groups in (1, 2)]
+    return [c for c in space if c[0] % (16 * c[4]) == 0 and c[0] // 16 // c[4] * c[1] // 2 <= 128
+            and gpu_wgmma.shared_bytes(*c[:3]) <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin]
+
+
+def sweep_wgmma(batches: list[int]) -> None:
+    """Time the CUDA wgmma kernel's configs per shape and batch (to pick `gpu_wgmma.TUNED`)."""
+    for m in batches:
+        for name, (n, k) in SHAPES.items():
+            weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+            scale = torch.rand(n, device="cuda") + 0.5
+            codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            timed = [(_time_wgmma(codes, x_scale, sums, weights, scale, out, c), c) for c in _wgmma_configs(m)]
+            _report(f"sweep CUDA wgmma M={m} {name}", timed)
             del weights
 
 
@@ -267,6 +298,7 @@ def main(argv: list[str]) -> None:
     if "--sweep" in argv:
         sweep_gemv()
         sweep_cuda_mma([2, 8, 16, 32, 64])
+        sweep_wgmma([64, 2048])
         sweep_mma([64, 2048])
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT

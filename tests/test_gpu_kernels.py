@@ -251,7 +251,8 @@ def test_int8_gemm_with_a_short_last_wave_is_exact(k: int):
              if gpu._tiles_in_full_waves(rows * column_tiles, config, device) < rows * column_tiles)
     codes, packed, scale = _random_layer(n, k, per_row_scale=False)
     act, padded, sums = _random_codes(m, k)
-    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True)
+    got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True,
+                          config=config)
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
