@@ -218,7 +218,7 @@ def _wgmma_configs(m: int) -> list[tuple[int, int, int, int, int]]:
                  for splits in (1, 2, 4) for groups in (1, 2)]
     else:
         space = [(rows, tokens, stages, 1, groups) for rows in (16, 32, 64, 128) for tokens in (64, 128, 256)
-                 for stages in (3, 4) for groups in (1, 2)]
+                 for stages in (3, 4, 5, 6) for groups in (1, 2)]
     return [c for c in space if c[0] % (16 * c[4]) == 0 and c[0] // 16 // c[4] * c[1] // 2 <= 128
             and gpu_wgmma.shared_bytes(*c[:3]) <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin]
 

@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from bitnet158.kernels import gpu_mma, gpu_wgmma
+from bitnet158.kernels import gpu_mma
 from bitnet158.quant.weights import SCALE_EPS
 
 K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
@@ -628,8 +628,6 @@ def w2a8_matmul(
         return out
     w_scale_stride = 0 if weight_scale.numel() == 1 else 1
     bias_arg = bias if bias is not None else weight_scale
-    if config is None and gpu_wgmma.available(codes.device) and gpu_wgmma.plan(m, r, kp):
-        return gpu_wgmma.w2a8_wgmma(codes, x_scale, code_sums, weight, weight_scale, out, bias)
     if config is None and 1 < m <= gpu_mma.MAX_M and gpu_mma.available(codes.device):
         return gpu_mma.w2a8_mma(codes, x_scale, code_sums, weight, weight_scale, out, bias)
     if m <= GEMV_MAX_M:

@@ -47,21 +47,12 @@ def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
     return kernel
 
 
-# Batches from MIN_M rows take this kernel (below, the mma.sync kernel of `gpu_mma`); configs tuned for the 2B4T
-# shapes (packed rows, padded K) on the H100, the fastest of each shape's sweep (`benchmarks/gpu_kernels.py
-# --sweep`), by the largest batch of a bucket.
-MIN_M = 65
-TUNED: dict[tuple[int, int], dict[int, tuple[int, int, int, int, int]]] = {}
-DEFAULT = (32, 128, 4, 1, 1)
-
-
-def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int] | None:
-    """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups), or None where `m` rows
-    are better served by another kernel."""
-    if m < MIN_M:
-        return None
-    tuned = TUNED.get((r, kp), {})
-    return next((tuned[bucket] for bucket in sorted(tuned) if m <= bucket), DEFAULT)
+def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int]:
+    """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups): up to 64 rows, blocks of
+    16 packed rows with K split about as far as fills the GPU; above, blocks of 32 packed rows and 128 tokens."""
+    if m <= 64:
+        return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4)), 1
+    return 32, 128, 4, 1, 1
 
 
 def w2a8_wgmma(
@@ -79,7 +70,7 @@ def w2a8_wgmma(
     (for tuning)."""
     m, kp = codes.shape
     r = weight.shape[0]
-    rows, tokens, stages, splits, warpgroups = config or plan(m, r, kp) or DEFAULT
+    rows, tokens, stages, splits, warpgroups = config or plan(m, r, kp)
     kernel = _kernel(rows, tokens, stages, splits, warpgroups)
     weight_map = cuda_driver.byte_tile_map(weight.data_ptr(), r, kp, weight.stride(0), rows)
     codes_map = cuda_driver.byte_tile_map(codes.data_ptr(), m, kp, codes.stride(0), tokens)
