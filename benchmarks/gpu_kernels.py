@@ -16,7 +16,7 @@ The floor of each shape is the time, by the same method, of a kernel that only r
 weights (and stores one sum per program): no kernel that reads those bytes can be faster. An empty
 kernel's time is reported too: the part of every call that does not depend on the bytes at all.
 
-    python benchmarks/gpu_kernels.py [--sweep | --sweep-sequence] [OUTPUT_JSON]
+    python benchmarks/gpu_kernels.py [--sweep | --sweep-sequence | --wgmma-pick] [OUTPUT_JSON]
         (default output: benchmarks/results/gpu_kernels.json)
 """
 
@@ -236,6 +236,19 @@ def sweep_wgmma(batches: list[int]) -> None:
             del weights
 
 
+def compare_wgmma_pick(batches: list[int]) -> None:
+    """The four shapes back to back through `w2a8_matmul`, with the wgmma kernel where `gpu_wgmma.PICKED` puts it
+    and with the mma kernel everywhere, alternating twice (to pick `gpu_wgmma.PICKED`)."""
+    picked = dict(gpu_wgmma.PICKED)
+    for m in batches:
+        for _ in range(2):
+            gpu_wgmma.PICKED.clear()
+            without = bench_sequence(m)["w2a8_us"]
+            gpu_wgmma.PICKED.update(picked)
+            print(f"M={m} back to back: mma kernel only {without:.2f} us, with the wgmma picks "
+                  f"{bench_sequence(m)['w2a8_us']:.2f} us", flush=True)
+
+
 def _sequence_us(layers: list, inputs: list, configs: list, reps: int = 40) -> float:
     """The CUDA kernel on each layer's weights (rotated) and inputs, with its config, back to back."""
     def layer(i: int) -> None:
@@ -292,6 +305,9 @@ def sweep_mma(batches: list[int]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if "--wgmma-pick" in argv:
+        compare_wgmma_pick([33, 48, 49, 64])
+        return
     if "--sweep-sequence" in argv:
         sweep_sequence([2, 4, 8, 16, 24, 32, 48, 64])
         return

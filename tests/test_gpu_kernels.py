@@ -206,6 +206,20 @@ def test_every_cuda_wgmma_config_is_exact(m: int, k: int, n: int, config: tuple[
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
+def test_every_picked_cuda_wgmma_config_is_exact():
+    """Where w2a8_matmul picks the wgmma kernel: its first and last batch, through w2a8_matmul."""
+    from bitnet158.kernels import gpu, gpu_wgmma
+
+    _skip_without_cuda_wgmma()
+    for (r, kp), (first, last, config) in gpu_wgmma.PICKED.items():
+        codes, packed, scale = _random_layer(4 * r, kp, per_row_scale=False)
+        for m in (first, last):
+            act, padded, sums = _random_codes(m, kp)
+            got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, 4 * r,
+                                  int_out=True)
+            assert torch.equal(got.cpu(), ternary_matmul(act, codes)), (r, kp, m, config)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("m", "k", "n"), [(13, 777, 301), (70, 2560, 2560)])  # 8-column stores and single ones
 def test_cuda_wgmma_scales_and_bias_like_the_reference(m: int, k: int, n: int, dtype: torch.dtype):

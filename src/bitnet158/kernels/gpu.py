@@ -34,7 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from bitnet158.kernels import gpu_mma
+from bitnet158.kernels import gpu_mma, gpu_wgmma
 from bitnet158.quant.weights import SCALE_EPS
 
 K_ALIGN = 128  # the K padding of our layout: every BLOCK_K of the tensor-core kernel divides it
@@ -615,8 +615,9 @@ def w2a8_matmul(
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
     (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for one row, the CUDA mma kernel
-    for 2 to 64 rows on Hopper (elsewhere the GEMV up to 4 rows and Triton's tensor cores on weights unpacked
-    in registers up to 64), and unpacking plus an int8 GEMM above.
+    for 2 to 64 rows on Hopper (the CUDA wgmma kernel where `gpu_wgmma.picked` says so; elsewhere the GEMV up to
+    4 rows and Triton's tensor cores on weights unpacked in registers up to 64), and unpacking plus an int8 GEMM
+    above.
     `config` overrides the block sizes of the Triton kernels (for tuning): see `_gemv_config`, `_mma_config`
     and `_gemm_config`."""
     m, kp = codes.shape
@@ -628,6 +629,10 @@ def w2a8_matmul(
         return out
     w_scale_stride = 0 if weight_scale.numel() == 1 else 1
     bias_arg = bias if bias is not None else weight_scale
+    wgmma_config = config is None and gpu_wgmma.available(codes.device) and gpu_wgmma.picked(
+        m, r, kp, _sm_count(codes.device))
+    if wgmma_config:
+        return gpu_wgmma.w2a8_wgmma(codes, x_scale, code_sums, weight, weight_scale, out, bias, wgmma_config)
     if config is None and 1 < m <= gpu_mma.MAX_M and gpu_mma.available(codes.device):
         return gpu_mma.w2a8_mma(codes, x_scale, code_sums, weight, weight_scale, out, bias)
     if m <= GEMV_MAX_M:

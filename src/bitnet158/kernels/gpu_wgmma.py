@@ -1,8 +1,8 @@
 """The W2A8 kernel on Hopper's warpgroup tensor cores (`w2a8_wgmma.cu`): the copy engine brings packed
 weights and int8 activations into shared memory, each lane unpacks its A fragment from there into registers,
 and wgmma multiplies it with the activations in shared memory; the splits of K of a tile add up through the
-shared memory of a thread-block cluster. Each (rows, tokens, stages, splits) variant is compiled the first time
-it is used, by NVRTC, for sm_90a (wgmma exists on no other target)."""
+shared memory of a thread-block cluster. Each (rows, tokens, stages, splits, warpgroups) variant is compiled the
+first time it is used, by NVRTC, for sm_90a (wgmma exists on no other target)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,20 @@ def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int]:
     if m <= 64:
         return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4)), 1
     return 32, 128, 4, 1, 1
+
+
+# Where w2a8_matmul picks this kernel over the mma.sync one: (packed rows, padded K) of a 2B4T shape -> (fewest
+# rows, most rows, config), on GPUs of 132 multiprocessors (H100, H200); chosen with the four shapes back to back
+# (`benchmarks/gpu_kernels.py --wgmma-pick`; the config from `--sweep`). Elsewhere the mma.sync kernel, or unpacking
+# plus the int8 GEMM above 64 rows, was faster (H100).
+PICKED = {(3456, 2560): (49, 64, (32, 64, 4, 2, 2))}
+PICKED_SM_COUNT = 132
+
+
+def picked(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int, int, int] | None:
+    """The config to run `m` rows of this weight with, where this kernel is the pick."""
+    first, last, config = PICKED.get((r, kp), (0, -1, None))
+    return config if sm_count == PICKED_SM_COUNT and first <= m <= last else None
 
 
 def w2a8_wgmma(

@@ -1,5 +1,5 @@
-// Ternary weights (2 bits) times int8 activations on Hopper's warpgroup tensor cores (wgmma), for batches too
-// large for the mma.sync kernel (`w2a8_mma.cu`) to keep its tensor cores busy. Compiled at first use with
+// Ternary weights (2 bits) times int8 activations on Hopper's warpgroup tensor cores (wgmma), for the shapes and
+// batches where it beats the mma.sync kernel (`w2a8_mma.cu`; `gpu_wgmma.PICKED`). Compiled at first use with
 // NVRTC for sm_90a (`kernels/gpu_wgmma.py`), so it includes no header.
 //
 // Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
