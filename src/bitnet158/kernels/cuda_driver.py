@@ -1,13 +1,22 @@
-"""The few CUDA driver calls our NVRTC-compiled kernels need beyond `torch.cuda._compile_kernel`, through
-ctypes: launching with programmatic dependent launch, raising a kernel's shared-memory limit, and describing
-a 2-D tensor to the copy engine (TMA)."""
+"""Our CUDA kernels at run time: compiling them with NVRTC (`torch.cuda._compile_kernel`), and the few CUDA
+driver calls they need beyond it, through ctypes: launching with programmatic dependent launch, raising a
+kernel's shared-memory limit, and describing a 2-D tensor to the copy engine (TMA)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from importlib import resources
 
 import torch
+
+
+def compile_kernel(source_file: str, kernel_name: str, arch: str):
+    """`kernel_name` (a template instance) from `kernels/<source_file>`, compiled for `arch` (e.g. "90a") with the
+    shared device helpers of `cuda_common.cuh` in front."""
+    kernels = resources.files("bitnet158.kernels")
+    source = kernels.joinpath("cuda_common.cuh").read_text() + kernels.joinpath(source_file).read_text()
+    return torch.cuda._compile_kernel(source, kernel_name, arch)
 
 
 @functools.cache

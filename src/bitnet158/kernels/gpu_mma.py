@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from importlib import resources
 
 import torch
 
@@ -42,9 +41,8 @@ def fits(tokens: int, groups: int) -> bool:
 
 @functools.cache
 def _kernel(tokens: int, splits: int, depth: int, groups: int, capability: tuple[int, int]):
-    source = resources.files("bitnet158.kernels").joinpath("w2a8_mma.cu").read_text()
     name = f"w2a8_mma<{tokens // 8}, {depth}, {splits}, {groups}>"
-    return torch.cuda._compile_kernel(source, name, f"{capability[0]}{capability[1]}")
+    return cuda_driver.compile_kernel("w2a8_mma.cu", name, f"{capability[0]}{capability[1]}")
 
 
 @functools.cache

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from importlib import resources
 
 import torch
 
@@ -40,9 +39,8 @@ def shared_bytes(rows: int, tokens: int, stages: int) -> int:
 
 @functools.cache
 def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
-    source = resources.files("bitnet158.kernels").joinpath("w2a8_wgmma.cu").read_text()
     name = f"w2a8_wgmma<{rows}, {tokens}, {stages}, {splits}, {warpgroups}>"
-    kernel = torch.cuda._compile_kernel(source, name, "90a")
+    kernel = cuda_driver.compile_kernel("w2a8_wgmma.cu", name, "90a")
     cuda_driver.allow_shared_bytes(kernel, shared_bytes(rows, tokens, stages))
     return kernel
 

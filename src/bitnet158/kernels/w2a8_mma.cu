@@ -1,6 +1,6 @@
 // Ternary weights (2 bits) times int8 activations for 2 to 64 rows: int8 mma.sync fed straight from the
 // packed bytes in registers, with no shared-memory staging of the weights. Compiled at first use with
-// NVRTC (`kernels/gpu_mma.py`), so it includes no header.
+// NVRTC (`kernels/gpu_mma.py`), after the helpers of `cuda_common.cuh`.
 //
 // Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
 // r, r + R, r + 2R, r + 3R at column k, two bits each. A 16-byte load of packed row r therefore gives,
@@ -30,9 +30,6 @@ constexpr int kRows = 16;    // packed rows per block (64 output rows)
 constexpr int kChunk = 64;   // bytes of K per warp step
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-
-// Output element types (`out_kind`).
-constexpr int kInt32 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3;
 
 struct Words {
   unsigned x, y, z, w;
@@ -68,40 +65,14 @@ __device__ __forceinline__ Words load_codes(const signed char* ptr, bool ok) {
   return v;
 }
 
-__device__ __forceinline__ float load_float(const void* ptr, int kind, int i) {
-  if (kind == kBFloat16) return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(ptr)[i]) << 16);
-  if (kind == kFloat16) {
-    float v;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<const unsigned short*>(ptr)[i]));
-    return v;
-  }
-  return static_cast<const float*>(ptr)[i];
-}
-
 __device__ __forceinline__ void store(void* out, int kind, long long i, int total, float value) {
   if (kind == kInt32) {
     static_cast<int*>(out)[i] = total;
   } else if (kind == kFloat32) {
     static_cast<float*>(out)[i] = value;
   } else {
-    unsigned short bits;
-    if (kind == kBFloat16) {
-      asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-    } else {
-      asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-    }
-    static_cast<unsigned short*>(out)[i] = bits;
+    static_cast<unsigned short*>(out)[i] = to_half_bits(kind, value);
   }
-}
-
-// Every block's shared-memory writes before it are visible to the cluster's blocks after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// Only waits: no memory ordering, so no wait for this block's own memory traffic to drain.
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
 }
 
 // Start copying `bytes` (a multiple of 16, from a 16-byte aligned address) into L2; nothing waits for it.
@@ -109,17 +80,11 @@ __device__ __forceinline__ void prefetch_to_l2(const void* ptr, int bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
 }
 
-// Block until the kernel before this one has finished and its writes are visible; then let the next start.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-  asm volatile("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;" ::: "memory");
-}
-
 // `*ptr` in the shared memory of block `rank` of this cluster.
 __device__ __forceinline__ int load_from_block(const int* ptr, unsigned rank) {
-  unsigned local, remote;
+  unsigned remote;
   int value;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(local) : "l"(ptr));
-  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_address(ptr)), "r"(rank));
   asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(value) : "r"(remote) : "memory");
   return value;
 }

@@ -1,6 +1,6 @@
 // Ternary weights (2 bits) times int8 activations on Hopper's warpgroup tensor cores (wgmma), for the shapes and
 // batches where it beats the mma.sync kernel (`w2a8_mma.cu`; `gpu_wgmma.PICKED`). Compiled at first use with
-// NVRTC for sm_90a (`kernels/gpu_wgmma.py`), so it includes no header.
+// NVRTC for sm_90a (`kernels/gpu_wgmma.py`), after the helpers of `cuda_common.cuh`.
 //
 // Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
 // r, r + R, r + 2R, r + 3R at column k, two bits each. The weights are wgmma's A operand, taken from
@@ -24,9 +24,6 @@
 
 constexpr int kChunk = 128;          // bytes of K per stage: one 128-byte swizzle row
 
-// Output element types (`out_kind`).
-constexpr int kInt32 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3;
-
 struct alignas(64) TensorMap {  // CUtensorMap: opaque, 128 bytes, built on the host
   unsigned long long words[16];
 };
@@ -34,12 +31,6 @@ struct alignas(64) TensorMap {  // CUtensorMap: opaque, 128 bytes, built on the 
 struct Ints {
   int x, y, z, w;
 };
-
-__device__ __forceinline__ unsigned smem_address(const void* ptr) {
-  unsigned address;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(ptr));
-  return address;
-}
 
 __device__ __forceinline__ void barrier_init(unsigned long long* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(count) : "memory");
@@ -70,19 +61,6 @@ __device__ __forceinline__ void tma_load(void* dst, const TensorMap* map, int x,
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
       ::"r"(smem_address(dst)), "l"(map), "r"(x), "r"(y), "r"(smem_address(bar))
       : "memory");
-}
-
-// Block until the kernel before this one has finished and its writes are visible; then let the next start.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-  asm volatile("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_sync_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;" ::: "memory");
 }
 
 // Four ints at `ptr` in the shared memory of block `rank` of this cluster.
@@ -141,26 +119,6 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], const unsigned (&a)[4], u
         "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]),
         "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-
-__device__ __forceinline__ float load_float(const void* ptr, int kind, int i) {
-  if (kind == kBFloat16) return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(ptr)[i]) << 16);
-  if (kind == kFloat16) {
-    float v;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(static_cast<const unsigned short*>(ptr)[i]));
-    return v;
-  }
-  return static_cast<const float*>(ptr)[i];
-}
-
-__device__ __forceinline__ unsigned short to_half_bits(int kind, float value) {
-  unsigned short bits;
-  if (kind == kBFloat16) {
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  } else {
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(value));
-  }
-  return bits;
 }
 
 template <int ROWS, int TOKENS, int STAGES, int SPLITS, int WARPGROUPS>
