@@ -195,14 +195,19 @@ def _cuda_configs(token_options: set[int]) -> list[tuple[int, int, int, int]]:
             for depth in range(1, gpu_mma.MAX_DEPTH + 1) for groups in (1, 2, 4, 8) if gpu_mma.fits(tokens, groups)]
 
 
+def _shape_inputs(n: int, k: int, m: int) -> tuple:
+    """Rotated packed weights of one shape, their scales, `m` rows of quantized activations, and a bf16 output."""
+    weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
+    codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    return weights, torch.rand(n, device="cuda") + 0.5, codes, x_scale, sums, out
+
+
 def sweep_cuda_mma(batches: list[int]) -> None:
     """Time the CUDA kernel's configs per shape and batch (to pick `gpu_mma.plan`)."""
     for m in batches:
         for name, (n, k) in SHAPES.items():
-            weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
-            scale = torch.rand(n, device="cuda") + 0.5
-            codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            weights, scale, codes, x_scale, sums, out = _shape_inputs(n, k, m)
             planned = gpu_mma.plan(m, *weights[0].shape, torch.cuda.get_device_properties(0).multi_processor_count)[0]
             configs = _cuda_configs({planned, min(planned, 16)})
             _report(f"sweep CUDA M={m} {name}",
@@ -224,13 +229,10 @@ def _wgmma_configs(m: int) -> list[tuple[int, int, int, int, int]]:
 
 
 def sweep_wgmma(batches: list[int]) -> None:
-    """Time the CUDA wgmma kernel's configs per shape and batch (to pick `gpu_wgmma.TUNED`)."""
+    """Time the CUDA wgmma kernel's configs per shape and batch (to pick the configs of `gpu_wgmma.PICKED`)."""
     for m in batches:
         for name, (n, k) in SHAPES.items():
-            weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
-            scale = torch.rand(n, device="cuda") + 0.5
-            codes, x_scale, sums = gpu.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            weights, scale, codes, x_scale, sums, out = _shape_inputs(n, k, m)
             timed = [(_time_wgmma(codes, x_scale, sums, weights, scale, out, c), c) for c in _wgmma_configs(m)]
             _report(f"sweep CUDA wgmma M={m} {name}", timed)
             del weights
