@@ -46,8 +46,9 @@ def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
 
 
 def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int]:
-    """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups): up to 64 rows, blocks of
-    16 packed rows with K split about as far as fills the GPU; above, blocks of 32 packed rows and 128 tokens."""
+    """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups) where no config is given
+    or picked: up to 64 rows, blocks of 16 packed rows with K split about as far as fills 132 multiprocessors;
+    above, blocks of 32 packed rows and 128 tokens."""
     if m <= 64:
         return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4)), 1
     return 32, 128, 4, 1, 1
