@@ -14,9 +14,9 @@
 // 128-byte swizzled, completing on mbarriers), and WARPGROUPS warpgroups of 4 consumer warps, each with its
 // share of the row groups (16 packed rows, 64 output rows). Each consumer step takes 32 columns: one wgmma
 // m64nNk32 (N = 64 or 128 tokens) per row group and N tokens, from the step's own set of A registers, so that
-// the fragments of the next steps load while the tensor cores work. Few tokens leave little work per weight byte, so a tile's
-// K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums through
-// each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once,
+// the fragments of the next steps load while the tensor cores work. Few tokens leave little work per weight
+// byte, so a tile's K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their
+// sums through each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once,
 // in the order of `reference.ternary_linear`.
 //
 // The kernel is launched to overlap the one before it (programmatic dependent launch): the producer starts
