@@ -23,6 +23,7 @@
 // the first stages' weight copies, which no kernel writes, before it waits for that kernel.
 
 constexpr int kChunk = 128;          // bytes of K per stage: one 128-byte swizzle row
+constexpr int kChunksPerBatch = 2;  // chunks whose wgmmas a warpgroup issues before it waits for them
 
 struct alignas(64) TensorMap {  // CUtensorMap: opaque, 128 bytes, built on the host
   unsigned long long words[16];
@@ -121,6 +122,64 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], const unsigned (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+// A consumer warpgroup's batch of BATCH chunks, from chunk i on: its lanes load all their A fragments (the packed
+// rows first_row.. of the warpgroup, field `shift`), then it issues the wgmmas and waits for them, and the stages
+// go back to the producer. A registers written while any wgmma is in flight would make ptxas serialize every
+// wgmma (C7513); the other warpgroups, or blocks, keep the tensor cores busy while this one loads.
+// Lane (g, q) holds, per row group j, the A fragment of packed rows 16j + g and 16j + g + 8: columns 4q..4q+3
+// and 16+4q..16+4q+3 of each 32. In a 128-byte swizzled row r, 16-byte chunk c sits at c ^ (r % 8).
+template <int BATCH, int ROWS, int TOKENS, int STAGES, int GROUPS, int TOKEN_TILES, int N>
+__device__ __forceinline__ void consume(int (&acc)[GROUPS][TOKEN_TILES][N], const unsigned char* smem,
+                                        unsigned long long* full, unsigned long long* empty, int i, int first_row,
+                                        int lane, int shift) {
+  constexpr int kWeightBytes = ROWS * kChunk, kStageBytes = (ROWS + TOKENS) * kChunk, kN = 2 * N;
+  const int g = lane / 4, q = lane % 4;
+  unsigned a[BATCH][4][GROUPS][4];
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b) {
+    const int s = (i + b) % STAGES;
+    barrier_wait(&full[s], ((i + b) / STAGES) & 1);
+    const unsigned char* weights = smem + s * kStageBytes;
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+#pragma unroll
+      for (int j = 0; j < GROUPS; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // h = 1: row g + 8
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // columns 16 * half + 4q of the step
+            const int row = first_row + 16 * j + g + 8 * h, c = 2 * step + half;
+            const unsigned word =
+                *reinterpret_cast<const unsigned*>(weights + row * kChunk + ((c ^ (row % 8)) * 16) + 4 * q);
+            a[b][step][j][h + 2 * half] = (word >> shift) & 0x03030303u;
+          }
+        }
+      }
+    }
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int b = 0; b < BATCH; ++b) {
+    const unsigned long long codes = operand_descriptor(smem + (i + b) % STAGES * kStageBytes + kWeightBytes);
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+#pragma unroll
+      for (int j = 0; j < GROUPS; ++j) {
+#pragma unroll
+        for (int t = 0; t < TOKEN_TILES; ++t) {
+          wgmma_s8(acc[j][t], a[b][step][j], codes + ((t * kN * kChunk + 32 * step) >> 4));
+        }
+      }
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  if (lane == 0) {
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) barrier_arrive(&empty[(i + b) % STAGES]);
+  }
+}
+
 template <int ROWS, int TOKENS, int STAGES, int SPLITS, int WARPGROUPS>
 __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUPS + 32, 1) w2a8_wgmma(
     const __grid_constant__ TensorMap weight_map, const __grid_constant__ TensorMap codes_map,
@@ -199,46 +258,14 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUP
   } else {
     wait_for_previous_kernel();
     // Consumer warp w of warpgroup v keeps 2-bit field w of its packed rows: its output rows are p + wR.
-    // Lane (g, q) holds, per row group j, the A fragment of packed rows 16j + g and 16j + g + 8: columns
-    // 4q..4q+3 and 16+4q..16+4q+3 of each 32. In a 128-byte swizzled row r, 16-byte chunk c sits at c ^ (r % 8).
-    const int g = lane / 4, q = lane % 4, shift = 2 * (warp % 4), first_row = warp / 4 * kGroups * 16;
-    unsigned a[4][kGroups][4];  // one set per step of a chunk
-    for (int i = 0; i < end - first; ++i) {
-      const int s = i % STAGES;
-      barrier_wait(&full[s], (i / STAGES) & 1);
-      const unsigned char* weights = smem + s * kStageBytes;
-      const unsigned long long codes = operand_descriptor(weights + kWeightBytes);
-#pragma unroll
-      for (int step = 0; step < 4; ++step) {
-        // This step's registers were last read by the same step of the chunk before: wait for it (three steps
-        // stay in flight). At the last step the chunk before is then done, and its stage goes back.
-        wgmma_wait<3>();
-        if (step == 3 && i > 0 && lane == 0) barrier_arrive(&empty[(i - 1) % STAGES]);
-#pragma unroll
-        for (int j = 0; j < kGroups; ++j) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {  // h = 1: row g + 8
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {  // columns 16 * half + 4q of the step
-              const int row = first_row + 16 * j + g + 8 * h, c = 2 * step + half;
-              const unsigned word =
-                  *reinterpret_cast<const unsigned*>(weights + row * kChunk + ((c ^ (row % 8)) * 16) + 4 * q);
-              a[step][j][h + 2 * half] = (word >> shift) & 0x03030303u;
-            }
-          }
-        }
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < kGroups; ++j) {
-#pragma unroll
-          for (int t = 0; t < kTokenTiles; ++t) {
-            wgmma_s8(acc[j][t], a[step][j], codes + ((t * kN * kChunk + 32 * step) >> 4));
-          }
-        }
-        wgmma_commit();
-      }
+    const int shift = 2 * (warp % 4), first_row = warp / 4 * kGroups * 16;
+    const int chunks_here = end - first;
+    int i = 0;
+    constexpr int kBatch = kChunksPerBatch < STAGES ? kChunksPerBatch : STAGES;  // a batch holds its stages
+    for (; i + kBatch <= chunks_here; i += kBatch) {
+      consume<kBatch, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
     }
-    wgmma_wait<0>();
+    for (; i < chunks_here; ++i) consume<1, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
   }
 
   // The sums of this block into its tile; the pipeline's shared memory is free once every consumer is done.
