@@ -215,15 +215,15 @@ def sweep_cuda_mma(batches: list[int]) -> None:
             del weights
 
 
-def _wgmma_configs(m: int) -> list[tuple[int, int, int, int, int]]:
+def _wgmma_configs(m: int) -> list[gpu_wgmma.Config]:
     """The CUDA wgmma kernel's configs (packed rows, tokens, stages, K splits, consumer warpgroups) whose sums fit
     128 registers per thread and whose block fits the shared memory."""
     if m <= 64:
-        space = [(rows, 64, stages, splits, groups) for rows in (16, 32, 64) for stages in (4, 6)
-                 for splits in (1, 2, 4) for groups in (1, 2)]
+        space = [(rows, 64, stages, splits, groups) for rows in (16, 32, 64) for stages in (3, 4)
+                 for splits in (1, 2, 4, 8) for groups in (1, 2)]
     else:
-        space = [(rows, tokens, stages, 1, groups) for rows in (16, 32, 64, 128) for tokens in (64, 128, 256)
-                 for stages in (3, 4, 5, 6) for groups in (1, 2)]
+        space = [(rows, tokens, stages, 1, groups) for rows in (16, 32, 64) for tokens in (64, 128, 256)
+                 for stages in (3, 4, 5) for groups in (1, 2)]
     return [c for c in space if c[0] % (16 * c[4]) == 0 and c[0] // 16 // c[4] * c[1] // 2 <= 128
             and gpu_wgmma.shared_bytes(*c[:3]) <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin]
 
@@ -240,14 +240,15 @@ def sweep_wgmma(batches: list[int]) -> None:
 
 def compare_wgmma_pick(batches: list[int]) -> None:
     """The four shapes back to back through `w2a8_matmul`, with the wgmma kernel where `gpu_wgmma.PICKED` puts it
-    and with the mma kernel everywhere, alternating twice (to pick `gpu_wgmma.PICKED`)."""
+    and without it (the mma kernel up to 64 rows, unpacking plus the int8 GEMM above), alternating twice (to pick
+    `gpu_wgmma.PICKED`)."""
     picked = dict(gpu_wgmma.PICKED)
     for m in batches:
         for _ in range(2):
             gpu_wgmma.PICKED.clear()
             without = bench_sequence(m)["w2a8_us"]
             gpu_wgmma.PICKED.update(picked)
-            print(f"M={m} back to back: mma kernel only {without:.2f} us, with the wgmma picks "
+            print(f"M={m} back to back: without the wgmma kernel {without:.2f} us, with its picks "
                   f"{bench_sequence(m)['w2a8_us']:.2f} us", flush=True)
 
 
@@ -308,7 +309,7 @@ def sweep_mma(batches: list[int]) -> None:
 
 def main(argv: list[str]) -> None:
     if "--wgmma-pick" in argv:
-        compare_wgmma_pick([33, 48, 49, 64])
+        compare_wgmma_pick([32, 33, 64, 128, 512, 2048, 8192])
         return
     if "--sweep-sequence" in argv:
         sweep_sequence([2, 4, 8, 16, 24, 32, 48, 64])
@@ -316,7 +317,7 @@ def main(argv: list[str]) -> None:
     if "--sweep" in argv:
         sweep_gemv()
         sweep_cuda_mma([2, 8, 16, 32, 64])
-        sweep_wgmma([64, 2048])
+        sweep_wgmma([64, 512, 2048])
         sweep_mma([64, 2048])
         return
     output = Path(argv[0]) if argv else DEFAULT_OUTPUT

@@ -180,9 +180,10 @@ def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
 
 
 # (packed rows, tokens, stages, K splits, consumer warpgroups) of the CUDA wgmma kernel: one to four row groups
-# per warpgroup, 64 to 256 tokens, pipelines shorter and longer than K, clusters of up to 8 blocks.
+# per warpgroup, 64 to 256 tokens, pipelines shorter and longer than K (and than a batch of two chunks), clusters
+# of up to 8 blocks.
 CUDA_WGMMA_CONFIGS = [(16, 64, 4, 1, 1), (16, 64, 2, 3, 1), (32, 128, 4, 1, 1), (64, 64, 3, 2, 1),
-                      (16, 256, 2, 1, 1), (48, 64, 4, 8, 1), (64, 128, 4, 1, 2), (32, 192, 3, 2, 2)]
+                      (16, 256, 2, 1, 1), (48, 64, 4, 8, 1), (64, 128, 4, 1, 2), (32, 192, 3, 2, 2), (16, 128, 1, 1, 1)]
 
 
 def _skip_without_cuda_wgmma() -> None:
@@ -207,17 +208,22 @@ def test_every_cuda_wgmma_config_is_exact(m: int, k: int, n: int, config: tuple[
 
 
 def test_every_picked_cuda_wgmma_config_is_exact():
-    """Where w2a8_matmul picks the wgmma kernel: its first and last batch, through w2a8_matmul."""
+    """Where w2a8_matmul picks the wgmma kernel: the first and last batch of each range, through w2a8_matmul (past
+    256 rows, the reference on the first, middle and last 64 only)."""
     from bitnet158.kernels import gpu, gpu_wgmma
 
     _skip_without_cuda_wgmma()
-    for (r, kp), (first, last, config) in gpu_wgmma.PICKED.items():
+    for (r, kp), ranges in gpu_wgmma.PICKED.items():
         codes, packed, scale = _random_layer(4 * r, kp, per_row_scale=False)
-        for m in (first, last):
-            act, padded, sums = _random_codes(m, kp)
-            got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, 4 * r,
-                                  int_out=True)
-            assert torch.equal(got.cpu(), ternary_matmul(act, codes)), (r, kp, m, config)
+        weight = gpu.repack(packed)
+        for first, last, config in ranges:
+            for m in (first, last):
+                act, padded, sums = _random_codes(m, kp)
+                got = gpu.w2a8_matmul(padded, torch.ones(m, device="cuda"), sums, weight, scale, 4 * r,
+                                      int_out=True).cpu()
+                rows = torch.arange(m) if m <= 256 else torch.cat([torch.arange(64), torch.arange(64) + m // 2,
+                                                                   torch.arange(m - 64, m)])
+                assert torch.equal(got[rows], ternary_matmul(act[rows], codes)), (r, kp, m, config)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

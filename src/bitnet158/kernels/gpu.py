@@ -614,10 +614,10 @@ def w2a8_matmul(
     config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """`codes [M, Kp] (int8) @ W^T` for a weight in our layout `[R, Kp]`, scaled to `out_dtype`
-    (or the exact int32 dot products with `int_out`). Picks the dp4a GEMV for one row, the CUDA mma kernel
-    for 2 to 64 rows on Hopper (the CUDA wgmma kernel where `gpu_wgmma.picked` says so; elsewhere the GEMV up to
-    4 rows and Triton's tensor cores on weights unpacked in registers up to 64), and unpacking plus an int8 GEMM
-    above.
+    (or the exact int32 dot products with `int_out`). Picks the CUDA wgmma kernel where `gpu_wgmma.picked` says
+    so (Hopper, the 2B4T shapes, 33 rows and up); else the dp4a GEMV for one row, the CUDA mma kernel for 2 to 64
+    rows on Hopper (elsewhere the GEMV up to 4 rows and Triton's tensor cores on weights unpacked in registers up
+    to 64), and unpacking plus an int8 GEMM above.
     `config` overrides the block sizes of the Triton kernels (for tuning): see `_gemv_config`, `_mma_config`
     and `_gemm_config`."""
     m, kp = codes.shape

@@ -37,6 +37,9 @@ def shared_bytes(rows: int, tokens: int, stages: int) -> int:
     return data + 1024 + 16 * stages + (8 * rows + 2 * tokens) * 4
 
 
+Config = tuple[int, int, int, int, int]
+
+
 @functools.cache
 def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
     name = f"w2a8_wgmma<{rows}, {tokens}, {stages}, {splits}, {warpgroups}>"
@@ -45,27 +48,35 @@ def _kernel(rows: int, tokens: int, stages: int, splits: int, warpgroups: int):
     return kernel
 
 
-def plan(m: int, r: int, kp: int) -> tuple[int, int, int, int, int]:
+def plan(m: int, r: int, kp: int) -> Config:
     """(packed rows per block, tokens per block, stages, K splits, consumer warpgroups) where no config is given
     or picked: up to 64 rows, blocks of 16 packed rows with K split about as far as fills 132 multiprocessors;
-    above, blocks of 32 packed rows and 128 tokens."""
+    above, blocks of 16 packed rows and 128 tokens (several to a multiprocessor)."""
     if m <= 64:
         return 16, 64, 4, max(1, min(8, round(132 / -(-r // 16)), kp // CHUNK // 4)), 1
-    return 32, 128, 4, 1, 1
+    return 16, 128, 4, 1, 1
 
 
-# Where w2a8_matmul picks this kernel over the mma.sync one: (packed rows, padded K) of a 2B4T shape -> (fewest
-# rows, most rows, config), on GPUs of 132 multiprocessors (H100, H200); chosen with the four shapes back to back
-# (`benchmarks/gpu_kernels.py --wgmma-pick`; the config from `--sweep`). Elsewhere the mma.sync kernel, or unpacking
-# plus the int8 GEMM above 64 rows, was faster (H100).
-PICKED = {(3456, 2560): (49, 64, (32, 64, 4, 2, 2))}
+# Where w2a8_matmul picks this kernel: (packed rows, padded K) of a 2B4T shape -> [(fewest rows, most rows,
+# config)], on GPUs of 132 multiprocessors (H100, H200). Chosen with the four shapes back to back (H100): from 33
+# to 64 rows all four on this kernel beat the mma.sync kernel (M = 64 37.3 against 44.5 us, M = 33 37.4 against
+# 38.2), each shape alone lost at 32 rows and below; above 64 rows it beat unpacking plus the int8 GEMM on every
+# shape at 128 and 512 rows, on o and down only at 2,048 and on none at 8,192 (`benchmarks/gpu_kernels.py
+# --wgmma-pick`; the configs from `--sweep`).
+PICKED: dict[tuple[int, int], list[tuple[int, int, Config]]] = {
+    (960, 2560): [(33, 64, (16, 64, 4, 2, 1)), (65, 1024, (16, 128, 4, 1, 1))],  # qkv
+    (640, 2560): [(33, 64, (16, 64, 4, 2, 1)), (65, 2048, (16, 128, 4, 1, 1))],  # o
+    (3456, 2560): [(33, 64, (16, 64, 4, 1, 1)), (65, 1024, (16, 128, 4, 1, 1))],  # gate+up
+    (640, 6912): [(33, 64, (16, 64, 4, 4, 1)), (65, 2048, (16, 128, 4, 1, 1))],  # down
+}
 PICKED_SM_COUNT = 132
 
 
-def picked(m: int, r: int, kp: int, sm_count: int) -> tuple[int, int, int, int, int] | None:
+def picked(m: int, r: int, kp: int, sm_count: int) -> Config | None:
     """The config to run `m` rows of this weight with, where this kernel is the pick."""
-    first, last, config = PICKED.get((r, kp), (0, -1, None))
-    return config if sm_count == PICKED_SM_COUNT and first <= m <= last else None
+    if sm_count != PICKED_SM_COUNT:
+        return None
+    return next((config for first, last, config in PICKED.get((r, kp), []) if first <= m <= last), None)
 
 
 def w2a8_wgmma(
@@ -76,7 +87,7 @@ def w2a8_wgmma(
     weight_scale: torch.Tensor,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """Fill `out [M, N]` (int32: the exact sums; else scaled, in its dtype) with `codes [M, Kp] @ W^T`.
     `config` = (packed rows per block, tokens per block, stages, K splits, consumer warpgroups) overrides `plan`

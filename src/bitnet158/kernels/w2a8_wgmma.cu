@@ -1,6 +1,6 @@
 // Ternary weights (2 bits) times int8 activations on Hopper's warpgroup tensor cores (wgmma), for the shapes and
-// batches where it beats the mma.sync kernel (`w2a8_mma.cu`; `gpu_wgmma.PICKED`). Compiled at first use with
-// NVRTC for sm_90a (`kernels/gpu_wgmma.py`), after the helpers of `cuda_common.cuh`.
+// batches where it beats the mma.sync kernel (`w2a8_mma.cu`) and unpacking plus an int8 GEMM (`gpu_wgmma.PICKED`).
+// Compiled at first use with NVRTC for sm_90a (`kernels/gpu_wgmma.py`), after the helpers of `cuda_common.cuh`.
 //
 // Weights are our layout (kernels/gpu.py): uint8 [R, Kp], byte (r, k) holding the codes t + 1 of rows
 // r, r + R, r + 2R, r + 3R at column k, two bits each. The weights are wgmma's A operand, taken from
@@ -12,12 +12,13 @@
 //
 // A block is a producer warp, which keeps STAGES tiles of 128 bytes of K in flight (weights and activations,
 // 128-byte swizzled, completing on mbarriers), and WARPGROUPS warpgroups of 4 consumer warps, each with its
-// share of the row groups (16 packed rows, 64 output rows). Each consumer step takes 32 columns: one wgmma
-// m64nNk32 (N = 64 or 128 tokens) per row group and N tokens, from the step's own set of A registers, so that
-// the fragments of the next steps load while the tensor cores work. Few tokens leave little work per weight
-// byte, so a tile's K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their
-// sums through each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once,
-// in the order of `reference.ternary_linear`.
+// share of the row groups (16 packed rows, 64 output rows). A chunk of K is 4 steps of 32 columns: one wgmma
+// m64nNk32 (N = 64 or 128 tokens) per step, row group and N tokens. A warpgroup loads the A fragments of two
+// chunks, issues their wgmmas and waits for them (see `consume`); the other blocks or warpgroups on the
+// multiprocessor keep its tensor cores busy meanwhile. Few tokens leave little work per weight byte, so a tile's K
+// may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums through each
+// other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once, in the
+// order of `reference.ternary_linear`.
 //
 // The kernel is launched to overlap the one before it (programmatic dependent launch): the producer starts
 // the first stages' weight copies, which no kernel writes, before it waits for that kernel.
