@@ -256,6 +256,26 @@ def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[i
     assert torch.equal(got.cpu(), ternary_matmul(act, codes))
 
 
+@pytest.mark.parametrize("layout", ["misaligned", "strided"])
+def test_int8_gemm_copies_codes_the_copy_engine_cannot_read(layout: str):
+    """The GEMM's tensor descriptors need 16-byte aligned rows: other codes are copied first, with the same sums."""
+    from bitnet158.kernels import gpu
+
+    m, k, n = 200, 300, 515
+    codes, packed, scale = _random_layer(n, k, per_row_scale=False)
+    act, padded, sums = _random_codes(m, k)
+    kp = padded.shape[1]
+    if layout == "misaligned":
+        storage = torch.zeros(m * kp + 1, dtype=torch.int8, device="cuda")
+        view = storage[1:].view(m, kp)
+    else:
+        view = torch.zeros(m, kp + 8, dtype=torch.int8, device="cuda")[:, :kp]
+    view.copy_(padded)
+    got = gpu.w2a8_matmul(view, torch.ones(m, device="cuda"), sums, gpu.repack(packed), scale, n, int_out=True,
+                          config=(128, 128, 128, 4, 3))
+    assert torch.equal(got.cpu(), ternary_matmul(act, codes))
+
+
 @pytest.mark.parametrize("k", [333, 4100])  # the narrow and the wide tiles
 def test_int8_gemm_with_a_short_last_wave_is_exact(k: int):
     """Tiles for one full wave of the GPU and a few more: those few run as a second grid of smaller pieces."""

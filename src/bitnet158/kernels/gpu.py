@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from bitnet158.kernels import gpu_mma, gpu_wgmma
 from bitnet158.quant.weights import SCALE_EPS
@@ -418,13 +419,14 @@ def _unpack_kernel(w_ptr, out_ptr, R, KW, BLOCK_R: tl.constexpr, BLOCK_KW: tl.co
 
 @triton.jit
 def _int8_gemm_kernel(
-    a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    M, NB, N, Kp, stride_a, stride_out, w_scale_stride, first_tile,
+    a_desc, a_scale_ptr, b_desc, w_scale_ptr, bias_ptr, out_ptr,
+    M, NB, N, Kp, stride_out, w_scale_stride, first_tile,
     HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Large M: a plain int8 GEMM of the codes `[M, Kp]` and the unpacked weights `[NB, Kp]` (NB = 4R),
-    whose tiles go straight from memory to the tensor cores; the scales in the epilogue.
+    whose tiles the copy engine (TMA, through the tensor descriptors) brings from memory for the tensor cores;
+    the scales in the epilogue. The copy engine fills rows past the end with zeros.
 
     The output is cut into TILE_M x TILE_N tiles in grouped order. Program p computes one BLOCK_M x BLOCK_N
     piece of tile `first_tile + p // pieces`: one piece per tile in the GEMM's full waves, several in a last,
@@ -435,22 +437,18 @@ def _int8_gemm_kernel(
     tile_m, tile_n = _grouped_tile(first_tile + pid // (per_m * per_n), tl.cdiv(M, TILE_M), tl.cdiv(NB, TILE_N),
                                    GROUP_M)
     piece = pid % (per_m * per_n)
-    offs_m = (tile_m * per_m + piece // per_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (tile_n * per_n + piece % per_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows past the end read the last row again (no masks in the loop); their results are not stored.
-    a_ptrs = a_ptr + tl.minimum(offs_m, M - 1)[:, None].to(tl.int64) * stride_a + offs_k[None, :]
-    b_ptrs = b_ptr + tl.minimum(offs_n, NB - 1)[:, None].to(tl.int64) * Kp + offs_k[None, :]
+    first_m = (tile_m * per_m + piece // per_n) * BLOCK_M
+    first_n = (tile_n * per_n + piece % per_n) * BLOCK_N
     _wait_for_previous_kernel()  # the unpacking of the weights, or the GEMM's full waves
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for _ in range(0, Kp, BLOCK_K):
-        acc = tl.dot(tl.load(a_ptrs), tl.trans(tl.load(b_ptrs)), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+    for k in range(0, Kp, BLOCK_K):
+        acc = tl.dot(a_desc.load([first_m, k]), b_desc.load([first_n, k]).T, acc, out_dtype=tl.int32)
+    offs_m = first_m + tl.arange(0, BLOCK_M)
     x_scale = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=0.0)[:, None]
     out_rows = out_ptr + offs_m[:, None].to(tl.int64) * stride_out
     ok = offs_m[:, None] < M
-    _store_tile(acc, offs_n, ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr, out_rows, HAS_BIAS, INT_OUT)
+    _store_tile(acc, first_n + tl.arange(0, BLOCK_N), ok, N, x_scale, w_scale_ptr, w_scale_stride, bias_ptr,
+                out_rows, HAS_BIAS, INT_OUT)
 
 
 @triton.jit
@@ -669,19 +667,25 @@ def w2a8_matmul(
     _unpack_kernel[(triton.cdiv(r, 16), triton.cdiv(kp // 4, 64))](
         weight.view(torch.int32), unpacked.view(torch.int32), r, kp // 4, BLOCK_R=16, BLOCK_KW=64,
         **_early_launch(codes.device))
+    if codes.stride(1) != 1 or codes.stride(0) % 16 or codes.data_ptr() % 16:  # what the copy engine reads
+        codes = codes.clone(memory_format=torch.contiguous_format)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(4 * r, block_n)
     full_tiles = _tiles_in_full_waves(tiles, (block_m, block_n, block_k, warps, stages), codes.device)
-    args = (codes, x_scale, unpacked, weight_scale, bias_arg, out, m, 4 * r, out_features, kp,
-            codes.stride(0), out.stride(0), w_scale_stride)
     meta = dict(HAS_BIAS=bias is not None, INT_OUT=int_out, TILE_M=block_m, TILE_N=block_n, BLOCK_K=block_k,
                 GROUP_M=8, **_early_launch(codes.device))
-    _int8_gemm_kernel[(full_tiles,)](*args, 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-                                     num_stages=stages, **meta)
+
+    def launch(grid: int, first_tile: int, piece_m: int, piece_n: int, warps: int, stages: int) -> None:
+        _int8_gemm_kernel[(grid,)](
+            TensorDescriptor.from_tensor(codes, [piece_m, block_k]), x_scale,
+            TensorDescriptor.from_tensor(unpacked, [piece_n, block_k]), weight_scale, bias_arg, out,
+            m, 4 * r, out_features, kp, out.stride(0), w_scale_stride, first_tile,
+            BLOCK_M=piece_m, BLOCK_N=piece_n, num_warps=warps, num_stages=stages, **meta)
+
+    launch(full_tiles, 0, block_m, block_n, warps, stages)
     if full_tiles < tiles:
         piece_m, piece_n = min(block_m, TAIL_PIECE), min(block_n, TAIL_PIECE)
         pieces = (tiles - full_tiles) * (block_m // piece_m) * (block_n // piece_n)
-        _int8_gemm_kernel[(pieces,)](*args, full_tiles, BLOCK_M=piece_m, BLOCK_N=piece_n, num_warps=4,
-                                     num_stages=TAIL_STAGES, **meta)
+        launch(pieces, full_tiles, piece_m, piece_n, 4, TAIL_STAGES)
     return out
 
 
