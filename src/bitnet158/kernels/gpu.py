@@ -674,12 +674,12 @@ def w2a8_matmul(
     meta = dict(HAS_BIAS=bias is not None, INT_OUT=int_out, TILE_M=block_m, TILE_N=block_n, BLOCK_K=block_k,
                 GROUP_M=8, **_early_launch(codes.device))
 
-    def launch(grid: int, first_tile: int, piece_m: int, piece_n: int, warps: int, stages: int) -> None:
+    def launch(grid: int, first_tile: int, piece_m: int, piece_n: int, num_warps: int, num_stages: int) -> None:
         _int8_gemm_kernel[(grid,)](
             TensorDescriptor.from_tensor(codes, [piece_m, block_k]), x_scale,
             TensorDescriptor.from_tensor(unpacked, [piece_n, block_k]), weight_scale, bias_arg, out,
             m, 4 * r, out_features, kp, out.stride(0), w_scale_stride, first_tile,
-            BLOCK_M=piece_m, BLOCK_N=piece_n, num_warps=warps, num_stages=stages, **meta)
+            BLOCK_M=piece_m, BLOCK_N=piece_n, num_warps=num_warps, num_stages=num_stages, **meta)
 
     launch(full_tiles, 0, block_m, block_n, warps, stages)
     if full_tiles < tiles:
