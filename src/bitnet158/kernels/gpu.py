@@ -558,6 +558,8 @@ def _gemm_config(kp: int) -> tuple[int, int, int, int, int]:
 # a fuller last wave lost (qkv's 216 tiles: 51 against 37 us without unpacking).
 TAIL_PIECE = 64
 TAIL_STAGES = 5
+UNPACK_BLOCK = (16, 64)  # (packed rows, int32 words of K) per program of the unpacking
+GEMM_GROUP_M = 8  # token tiles per group in the GEMM's grouped tile order
 
 
 def _tiles_in_full_waves(tiles: int, config: tuple[int, ...], device: torch.device) -> int:
@@ -664,15 +666,16 @@ def w2a8_matmul(
     block_m, block_n, block_k, warps, stages = config or _gemm_config(kp)
     _check_block_k(block_k, kp)
     unpacked = torch.empty(4 * r, kp, dtype=torch.int8, device=codes.device)
-    _unpack_kernel[(triton.cdiv(r, 16), triton.cdiv(kp // 4, 64))](
-        weight.view(torch.int32), unpacked.view(torch.int32), r, kp // 4, BLOCK_R=16, BLOCK_KW=64,
+    unpack_r, unpack_kw = UNPACK_BLOCK
+    _unpack_kernel[(triton.cdiv(r, unpack_r), triton.cdiv(kp // 4, unpack_kw))](
+        weight.view(torch.int32), unpacked.view(torch.int32), r, kp // 4, BLOCK_R=unpack_r, BLOCK_KW=unpack_kw,
         **_early_launch(codes.device))
     if codes.stride(1) != 1 or codes.stride(0) % 16 or codes.data_ptr() % 16:  # what the copy engine reads
         codes = codes.clone(memory_format=torch.contiguous_format)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(4 * r, block_n)
     full_tiles = _tiles_in_full_waves(tiles, (block_m, block_n, block_k, warps, stages), codes.device)
     meta = dict(HAS_BIAS=bias is not None, INT_OUT=int_out, TILE_M=block_m, TILE_N=block_n, BLOCK_K=block_k,
-                GROUP_M=8, **_early_launch(codes.device))
+                GROUP_M=GEMM_GROUP_M, **_early_launch(codes.device))
 
     def launch(grid: int, first_tile: int, piece_m: int, piece_n: int, num_warps: int, num_stages: int) -> None:
         _int8_gemm_kernel[(grid,)](
