@@ -1,6 +1,10 @@
-"""M = 2048 back to back over the unpacking's block and the GEMM's group size; the best goes to $OUT/best."""
+"""M = 2048, the four 2B4T shapes back to back, over the large-M path's launch knobs: the unpacking's block, the
+GEMM's group size and its tile config for K = 2,560 (qkv, gate+up; o and down run on the wgmma kernel there).
+Each knob is swept with the others at main's values; then main's values and the best of each alternate, with
+cuBLAS bf16 beside them. Prints a table and writes JSON (`--out`)."""
+import argparse
 import functools
-import os
+import json
 import sys
 
 import torch
@@ -11,47 +15,66 @@ import gpu_kernels as gk  # noqa: E402
 
 from bitnet158.kernels import gpu  # noqa: E402
 
-torch.manual_seed(0)
-m = 2048
-ours, cublas = [], []
-for n, k in gk.SHAPES.values():
-    weights = [gpu.repack(gk.random_packed(n, k)) for _ in range(gk.sets_for(n * k // 4))]
-    dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(gk.sets_for(2 * n * k))]
-    scale = torch.rand(n, device="cuda") + 0.5
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    codes, x_scale, sums = gpu.quantize_rows(x)
-    ours.append([lambda w=w, c=codes, s=x_scale, t=sums, v=scale, n=n: gpu.w2a8_matmul(c, s, t, w, v, n)
-                 for w in weights])
-    cublas.append([lambda w=w, x=x: F.linear(x, w) for w in dense])
+M = 2048
+MAIN_GEMM_CONFIG = gpu._gemm_config
+MAIN = {"unpack": (16, 64), "group_m": 8, "gemm": (128, 128, 128, 4, 3)}
+CHOICES = {
+    "unpack": [(32, 64), (16, 128), (8, 128), (32, 32), (64, 32)],
+    "group_m": [4, 16],
+    "gemm": [(128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+             (256, 128, 64, 8, 3)],
+}
 
 
-def seq(calls_per_shape, reps):
-    def layer(i):
-        for calls in calls_per_shape:
-            calls[i % len(calls)]()
-    return gk.median_us([functools.partial(layer, i) for i in range(max(map(len, calls_per_shape)))], reps=reps,
-                        sleep_cycles=5 * gk.SLEEP_CYCLES)
+def apply(knobs: dict) -> None:
+    gpu.UNPACK_BLOCK, gpu.GEMM_GROUP_M = knobs["unpack"], knobs["group_m"]
+    gpu._gemm_config = lambda kp: knobs["gemm"] if kp < 4096 else MAIN_GEMM_CONFIG(kp)
 
 
-def run(variant, reps=100):
-    gpu.UNPACK_BLOCK, gpu.GEMM_GROUP_M = variant
-    return seq(ours, reps)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(gk.DEFAULT_OUTPUT.with_name("gemm_knobs.json")))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ours, cublas = [], []
+    for n, k in gk.SHAPES.values():
+        weights = [gpu.repack(gk.random_packed(n, k)) for _ in range(gk.sets_for(n * k // 4))]
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(gk.sets_for(2 * n * k))]
+        scale = torch.rand(n, device="cuda") + 0.5
+        x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+        codes, x_scale, sums = gpu.quantize_rows(x)
+        ours.append([functools.partial(gpu.w2a8_matmul, codes, x_scale, sums, w, scale, n) for w in weights])
+        cublas.append([functools.partial(F.linear, x, w) for w in dense])
+
+    def back_to_back(calls_per_shape: list, reps: int) -> float:
+        def layer(i: int) -> None:
+            for calls in calls_per_shape:
+                calls[i % len(calls)]()
+        sets = max(map(len, calls_per_shape))
+        return gk.median_us([functools.partial(layer, i) for i in range(sets)], reps=reps,
+                            sleep_cycles=5 * gk.SLEEP_CYCLES)
+
+    def timed(knobs: dict, reps: int = 100) -> float:
+        apply(knobs)
+        return back_to_back(ours, reps)
+
+    sweep, best = [], dict(MAIN)
+    for knob, values in CHOICES.items():
+        results = [(timed(MAIN), MAIN[knob])] + [(timed({**MAIN, knob: v}), v) for v in values]
+        sweep += [{"knob": knob, "value": v, "us": t} for t, v in results]
+        best[knob] = min(results)[1]
+        print(f"{knob:8} " + ", ".join(f"{v}: {t:.1f}" for t, v in results), flush=True)
+    rounds = [{"main": timed(MAIN, 200), "best": timed(best, 200)} for _ in range(3)]
+    base = back_to_back(cublas, 200)
+    print(f"\nbest {best}\n| round | main's knobs us | best knobs us |\n| --- | --- | --- |")
+    for i, r in enumerate(rounds):
+        print(f"| {i} | {r['main']:.1f} | {r['best']:.1f} |")
+    fastest = {key: min(r[key] for r in rounds) for key in ("main", "best")}
+    print(f"cuBLAS bf16 {base:.1f} us: main {base / fastest['main']:.3f}x, best {base / fastest['best']:.3f}x")
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "m": M, "sweep": sweep, "best": best, "rounds": rounds,
+                   "cublas_us": base}, f, indent=1)
 
 
-current = ((16, 64), 8)
-variants = [current, ((32, 64), 8), ((16, 128), 8), ((8, 128), 8), ((32, 32), 8), ((64, 32), 8),
-            ((16, 64), 16), ((16, 64), 4)]
-timed = sorted((run(v), v) for v in variants)
-print("sweep: " + ", ".join(f"{v}: {t:.1f}" for t, v in timed), flush=True)
-unpack = min((t, v) for t, v in timed if v[1] == 8)[1][0]
-group = min((t, v) for t, v in timed if v[0] == (16, 64))[1][1]
-best = (unpack, group)
-rows = []
-for _ in range(3):
-    rows.append((run(current, 200), run(best, 200)))
-base = seq(cublas, 200)
-print(f"current {current} vs best {best}: " + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in rows)
-      + f"; cuBLAS {base:.1f}: {base / min(a for a, _ in rows):.3f}x / {base / min(b for _, b in rows):.3f}x",
-      flush=True)
-with open(os.path.join(os.environ.get("OUT", "/tmp"), "best"), "w") as f:
-    f.write(f"{unpack[0]} {unpack[1]} {group}\n")
+if __name__ == "__main__":
+    main()

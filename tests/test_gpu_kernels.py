@@ -242,7 +242,9 @@ def test_cuda_wgmma_scales_and_bias_like_the_reference(m: int, k: int, n: int, d
 
 
 @pytest.mark.parametrize(
-    "config", [(128, 128, 128, 4, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2)])
+    "config", [(128, 128, 128, 4, 3), (128, 256, 128, 8, 3), (64, 256, 128, 8, 3), (128, 64, 256, 4, 2),
+               (128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+               (256, 128, 64, 8, 3)])
 @pytest.mark.parametrize(("m", "k", "n"), [(65, 333, 65), (300, 2560, 3841), (1000, 130, 1)])
 def test_every_int8_gemm_config_is_exact(m: int, k: int, n: int, config: tuple[int, ...]):
     from bitnet158.kernels import gpu
