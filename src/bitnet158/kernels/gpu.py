@@ -559,7 +559,10 @@ def _gemm_config(kp: int) -> tuple[int, int, int, int, int]:
 TAIL_PIECE = 64
 TAIL_STAGES = 5
 UNPACK_BLOCK = (16, 64)  # (packed rows, int32 words of K) per program of the unpacking
-GEMM_GROUP_M = 8  # token tiles per group in the GEMM's grouped tile order
+# Token tiles per group in the GEMM's tile order. 16 at 2,048 rows: each weight tile is read from memory once
+# per call, not once per group of 8 (H100, the four 2B4T shapes back to back: 287.8-288.4 against 292.7-293.6 us
+# with 8, three runs each alternating; 4 took 306.1 in `benchmarks/gemm_knobs.py`).
+GEMM_GROUP_M = 16
 
 
 def _tiles_in_full_waves(tiles: int, config: tuple[int, ...], device: torch.device) -> int:
