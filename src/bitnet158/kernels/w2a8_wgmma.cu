@@ -12,7 +12,8 @@
 //
 // A block is a producer warp, which keeps STAGES tiles of 128 bytes of K in flight (weights and activations,
 // 128-byte swizzled, completing on mbarriers), and WARPGROUPS warpgroups of 4 consumer warps, each with its
-// share of the row groups (16 packed rows, 64 output rows). A chunk of K is 4 steps of 32 columns: one wgmma
+// share of the row groups (16 packed rows, 64 output rows); with more warpgroups than row groups, the warpgroups
+// of a row group take turns over K and add up their sums in shared memory at the end. A chunk of K is 4 steps of 32 columns: one wgmma
 // m64nNk32 (N = 64 or 128 tokens) per step, row group and N tokens. A warpgroup loads the A fragments of two
 // chunks, issues their wgmmas and waits for them (see `consume`); the other blocks or warpgroups on the
 // multiprocessor keep its tensor cores busy meanwhile. Few tokens leave little work per weight byte, so a tile's K
@@ -188,9 +189,14 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUP
     int w_scale_stride, const void* __restrict__ bias, int has_bias, void* __restrict__ out, int out_kind, int M,
     int R, int N, int Kp, int stride_out) {
   static_assert(ROWS % 16 == 0 && TOKENS % 64 == 0 && TOKENS <= 256, "whole wgmma tiles, one TMA box of tokens");
-  static_assert(ROWS % (16 * WARPGROUPS) == 0, "whole row groups per warpgroup");
+  // Warpgroups beyond the row groups share rows and take turns over K: kShares warpgroups hold each row group.
+  constexpr int kShares = WARPGROUPS > ROWS / 16 ? WARPGROUPS / (ROWS / 16) : 1;
+  static_assert(ROWS % (16 * WARPGROUPS / kShares) == 0 && WARPGROUPS % kShares == 0,
+                "whole row groups per warpgroup, or whole warpgroups per row group");
+  static_assert(STAGES >= kShares, "a stage in flight per share");
+  constexpr int kRowWarpgroups = WARPGROUPS / kShares;
   constexpr int kConsumers = 128 * WARPGROUPS, kThreads = kConsumers + 32;
-  constexpr int kGroups = ROWS / 16 / WARPGROUPS;  // row groups of a warpgroup: one wgmma each per step
+  constexpr int kGroups = ROWS / 16 / kRowWarpgroups;  // row groups of a warpgroup: one wgmma each per step
   constexpr int kN = TOKENS % 128 == 0 ? 128 : 64;  // tokens per wgmma
   constexpr int kTokenTiles = TOKENS / kN;
   constexpr int kCols = 4 * ROWS;           // output columns of the block, field-major: c = w * ROWS + r
@@ -220,7 +226,7 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUP
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       barrier_init(&full[s], 1);
-      barrier_init(&empty[s], kConsumers / 32);
+      barrier_init(&empty[s], kConsumers / 32 / kShares);  // a stage's chunk goes to one share
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -258,34 +264,40 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUP
     }
   } else {
     wait_for_previous_kernel();
-    // Consumer warp w of warpgroup v keeps 2-bit field w of its packed rows: its output rows are p + wR.
-    const int shift = 2 * (warp % 4), first_row = warp / 4 * kGroups * 16;
-    const int chunks_here = end - first;
-    int i = 0;
-    constexpr int kBatch = kChunksPerBatch < STAGES ? kChunksPerBatch : STAGES;  // a batch holds its stages
-    for (; i + kBatch <= chunks_here; i += kBatch) {
-      consume<kBatch, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
+    // Consumer warp w of warpgroup v keeps 2-bit field w of its packed rows: its output rows are p + wR. Share
+    // `share` of those rows takes every kShares-th batch of chunks.
+    const int shift = 2 * (warp % 4), first_row = warp / 4 % kRowWarpgroups * kGroups * 16;
+    const int share = warp / 4 / kRowWarpgroups, chunks_here = end - first;
+    constexpr int kBatch = kChunksPerBatch < STAGES / kShares ? kChunksPerBatch : STAGES / kShares;
+    for (int i = share * kBatch; i < chunks_here; i += kShares * kBatch) {
+      if (i + kBatch <= chunks_here) {
+        consume<kBatch, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
+      } else {
+        for (int c = i; c < chunks_here; ++c) consume<1, ROWS, TOKENS, STAGES>(acc, smem, full, empty, c, first_row, lane, shift);
+      }
     }
-    for (; i < chunks_here; ++i) consume<1, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
   }
 
-  // The sums of this block into its tile; the pipeline's shared memory is free once every consumer is done.
-  // C fragment of wgmma (j, t) at warp w: d[4b], d[4b+1] at the warpgroup's row 16j + g, tokens Nt + 8b + 2q
-  // and + 1; d[4b+2], d[4b+3] at row 16j + g + 8.
-  __syncthreads();
-  if (warp < kConsumers / 32) {
-    const int g = lane / 4, q = lane % 4;
+  // The sums of this block into its tile, one share after the other; the pipeline's shared memory is free once
+  // every consumer is done. C fragment of wgmma (j, t) at warp w: d[4b], d[4b+1] at the warpgroup's row 16j + g,
+  // tokens Nt + 8b + 2q and + 1; d[4b+2], d[4b+3] at row 16j + g + 8.
+  for (int share = 0; share < kShares; ++share) {
+    __syncthreads();
+    if (warp < kConsumers / 32 && warp / 4 / kRowWarpgroups == share) {
+      const int g = lane / 4, q = lane % 4;
 #pragma unroll
-    for (int j = 0; j < kGroups; ++j) {
+      for (int j = 0; j < kGroups; ++j) {
 #pragma unroll
-      for (int t = 0; t < kTokenTiles; ++t) {
+        for (int t = 0; t < kTokenTiles; ++t) {
 #pragma unroll
-        for (int b = 0; b < kN / 8; ++b) {
+          for (int b = 0; b < kN / 8; ++b) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int token = kN * t + 8 * b + 2 * q + e % 2;
-            const int c = warp % 4 * ROWS + warp / 4 * kGroups * 16 + 16 * j + g + 8 * (e / 2);
-            tile[token * kPitch + c] = acc[j][t][4 * b + e];
+            for (int e = 0; e < 4; ++e) {
+              const int token = kN * t + 8 * b + 2 * q + e % 2;
+              const int c = warp % 4 * ROWS + warp / 4 % kRowWarpgroups * kGroups * 16 + 16 * j + g + 8 * (e / 2);
+              int* sum = tile + token * kPitch + c;
+              *sum = (share > 0 ? *sum : 0) + acc[j][t][4 * b + e];
+            }
           }
         }
       }
