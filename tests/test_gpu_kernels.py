@@ -184,7 +184,8 @@ def test_cuda_mma_scales_and_bias_like_the_reference(dtype: torch.dtype):
 # and longer than K (and than a batch of two chunks), clusters of up to 8 blocks.
 CUDA_WGMMA_CONFIGS = [(16, 64, 4, 1, 1), (16, 64, 2, 3, 1), (32, 128, 4, 1, 1), (64, 64, 3, 2, 1),
                       (16, 256, 2, 1, 1), (48, 64, 4, 8, 1), (64, 128, 4, 1, 2), (32, 192, 3, 2, 2), (16, 128, 1, 1, 1),
-                      (16, 64, 4, 2, 2), (16, 64, 3, 1, 2), (32, 64, 6, 1, 4), (16, 128, 8, 1, 4)]
+                      (16, 64, 4, 2, 2), (16, 64, 3, 1, 2), (32, 64, 6, 1, 4), (16, 64, 8, 1, 4),
+                      (16, 128, 4, 1, 2)]
 
 
 def _skip_without_cuda_wgmma() -> None:
