@@ -217,15 +217,23 @@ def sweep_cuda_mma(batches: list[int]) -> None:
 
 def _wgmma_configs(m: int) -> list[gpu_wgmma.Config]:
     """The CUDA wgmma kernel's configs (packed rows, tokens, stages, K splits, consumer warpgroups) whose sums fit
-    128 registers per thread and whose block fits the shared memory."""
+    128 registers per thread and whose block fits the shared memory. Up to 64 rows, also two warpgroups per row
+    group, taking turns over K."""
     if m <= 64:
-        space = [(rows, 64, stages, splits, groups) for rows in (16, 32, 64) for stages in (3, 4)
-                 for splits in (1, 2, 4, 8) for groups in (1, 2)]
+        space = [(rows, 64, stages, splits, groups) for rows in (16, 32, 64) for stages in (3, 4, 8)
+                 for splits in (1, 2, 4, 8) for groups in (1, 2, 4)]
     else:
         space = [(rows, tokens, stages, 1, groups) for rows in (16, 32, 64) for tokens in (64, 128, 256)
                  for stages in (3, 4, 5) for groups in (1, 2)]
-    return [c for c in space if c[0] % (16 * c[4]) == 0 and c[0] // 16 // c[4] * c[1] // 2 <= 128
-            and gpu_wgmma.shared_bytes(*c[:3]) <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin]
+
+    def fits(rows: int, tokens: int, stages: int, splits: int, groups: int) -> bool:
+        row_groups = rows // 16
+        shares = groups // row_groups if groups > row_groups else 1
+        return ((row_groups % groups == 0 or groups == shares * row_groups) and stages >= shares
+                and max(1, row_groups // groups) * tokens // 2 <= 128
+                and gpu_wgmma.shared_bytes(rows, tokens, stages)
+                <= torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    return [c for c in space if fits(*c)]
 
 
 def sweep_wgmma(batches: list[int]) -> None:

@@ -62,12 +62,14 @@ def plan(m: int, r: int, kp: int) -> Config:
 # to 64 rows all four on this kernel beat the mma.sync kernel (M = 64 37.3 against 44.5 us, M = 33 37.4 against
 # 38.2), each shape alone lost at 32 rows and below; above 64 rows it beat unpacking plus the int8 GEMM on every
 # shape at 128 and 512 rows, on o and down only at 2,048 and on none at 8,192 (`benchmarks/gpu_kernels.py
-# --wgmma-pick`; the configs from `--sweep`).
+# --wgmma-pick`; the configs from `--sweep`). down at 33 to 64 rows: two warpgroups taking turns over K in each of
+# 2 splits, where one warpgroup in each of 4 splits was picked before (M = 64 back to back 36.90, 37.01 against
+# 37.34, 37.42 us; M = 33 38.38, 38.21 against 38.46, 38.50; alternating in one H100 call).
 PICKED: dict[tuple[int, int], list[tuple[int, int, Config]]] = {
     (960, 2560): [(33, 64, (16, 64, 4, 2, 1)), (65, 1024, (16, 128, 4, 1, 1))],  # qkv
     (640, 2560): [(33, 64, (16, 64, 4, 2, 1)), (65, 2048, (16, 128, 4, 1, 1))],  # o
     (3456, 2560): [(33, 64, (16, 64, 4, 1, 1)), (65, 1024, (16, 128, 4, 1, 1))],  # gate+up
-    (640, 6912): [(33, 64, (16, 64, 4, 4, 1)), (65, 2048, (16, 128, 4, 1, 1))],  # down
+    (640, 6912): [(33, 64, (16, 64, 8, 2, 2)), (65, 2048, (16, 128, 4, 1, 1))],  # down
 }
 PICKED_SM_COUNT = 132
 
