@@ -1,7 +1,7 @@
 """M = 2048, the four 2B4T shapes back to back, over the large-M path's launch knobs: the unpacking's block, the
 GEMM's group size and its tile config for K = 2,560 (qkv, gate+up; o and down run on the wgmma kernel there).
 Each knob is swept with the others at their values in gpu.py; then those and the best of each alternate, with
-cuBLAS bf16 beside them. Prints a table and writes JSON (`--out`)."""
+cuBLAS bf16 beside them. Prints a table and writes JSON."""
 import argparse
 import functools
 import json
@@ -33,7 +33,7 @@ def apply(knobs: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(gk.DEFAULT_OUTPUT.with_name("gemm_knobs.json")))
+    parser.add_argument("output", nargs="?", default=str(gk.DEFAULT_OUTPUT.with_name("gemm_knobs.json")))
     args = parser.parse_args()
     torch.manual_seed(0)
     ours, cublas = [], []
@@ -71,7 +71,7 @@ def main() -> None:
         print(f"| {i} | {r['current']:.1f} | {r['best']:.1f} |")
     fastest = {key: min(r[key] for r in rounds) for key in ("current", "best")}
     print(f"cuBLAS bf16 {base:.1f} us: current {base / fastest['current']:.3f}x, best {base / fastest['best']:.3f}x")
-    with open(args.out, "w") as f:
+    with open(args.output, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "m": M, "sweep": sweep, "best": best, "rounds": rounds,
                    "cublas_us": base}, f, indent=1)
 
