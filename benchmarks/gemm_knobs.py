@@ -16,8 +16,8 @@ import gpu_kernels as gk  # noqa: E402
 from bitnet158.kernels import gpu  # noqa: E402
 
 M = 2048
-MAIN_GEMM_CONFIG = gpu._gemm_config
-MAIN = {"unpack": gpu.UNPACK_BLOCK, "group_m": gpu.GEMM_GROUP_M, "gemm": gpu._gemm_config(2560)}
+GPU_GEMM_CONFIG = gpu._gemm_config
+CURRENT = {"unpack": gpu.UNPACK_BLOCK, "group_m": gpu.GEMM_GROUP_M, "gemm": gpu._gemm_config(2560)}
 CHOICES = {
     "unpack": [(16, 64), (32, 64), (16, 128), (8, 128), (32, 32), (64, 32)],
     "group_m": [4, 8, 16],
@@ -28,7 +28,7 @@ CHOICES = {
 
 def apply(knobs: dict) -> None:
     gpu.UNPACK_BLOCK, gpu.GEMM_GROUP_M = knobs["unpack"], knobs["group_m"]
-    gpu._gemm_config = lambda kp: knobs["gemm"] if kp < 4096 else MAIN_GEMM_CONFIG(kp)
+    gpu._gemm_config = lambda kp: knobs["gemm"] if kp < 4096 else GPU_GEMM_CONFIG(kp)
 
 
 def main() -> None:
@@ -58,13 +58,14 @@ def main() -> None:
         apply(knobs)
         return back_to_back(ours, reps)
 
-    sweep, best = [], dict(MAIN)
+    sweep, best = [], dict(CURRENT)
     for knob, values in CHOICES.items():
-        results = [(timed(MAIN), MAIN[knob])] + [(timed({**MAIN, knob: v}), v) for v in values if v != MAIN[knob]]
+        others = [v for v in values if v != CURRENT[knob]]
+        results = [(timed(CURRENT), CURRENT[knob])] + [(timed({**CURRENT, knob: v}), v) for v in others]
         sweep += [{"knob": knob, "value": v, "us": t} for t, v in results]
         best[knob] = min(results)[1]
         print(f"{knob:8} " + ", ".join(f"{v}: {t:.1f}" for t, v in results), flush=True)
-    rounds = [{"current": timed(MAIN, 200), "best": timed(best, 200)} for _ in range(3)]
+    rounds = [{"current": timed(CURRENT, 200), "best": timed(best, 200)} for _ in range(3)]
     base = back_to_back(cublas, 200)
     print(f"\nbest {best}\n| round | current knobs us | best knobs us |\n| --- | --- | --- |")
     for i, r in enumerate(rounds):

@@ -13,13 +13,13 @@
 // A block is a producer warp, which keeps STAGES tiles of 128 bytes of K in flight (weights and activations,
 // 128-byte swizzled, completing on mbarriers), and WARPGROUPS warpgroups of 4 consumer warps, each with its
 // share of the row groups (16 packed rows, 64 output rows); with more warpgroups than row groups, the warpgroups
-// of a row group take turns over K and add up their sums in shared memory at the end. A chunk of K is 4 steps of 32 columns: one wgmma
-// m64nNk32 (N = 64 or 128 tokens) per step, row group and N tokens. A warpgroup loads the A fragments of two
-// chunks, issues their wgmmas and waits for them (see `consume`); the other blocks or warpgroups on the
-// multiprocessor keep its tensor cores busy meanwhile. Few tokens leave little work per weight byte, so a tile's K
-// may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums through each
-// other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied once, in the
-// order of `reference.ternary_linear`.
+// of a row group take turns over K and add up their sums in shared memory at the end. A chunk of K is 4 steps
+// of 32 columns: one wgmma m64nNk32 (N = 64 or 128 tokens) per step, row group and N tokens. A warpgroup loads
+// the A fragments of two chunks, issues their wgmmas and waits for them (see `consume`); the other blocks or
+// warpgroups on the multiprocessor keep its tensor cores busy meanwhile. Few tokens leave little work per weight
+// byte, so a tile's K may be cut into SPLITS parts whose blocks form one thread-block cluster and add up their sums
+// through each other's shared memory, as in `w2a8_mma.cu`. All sums are exact in int32; the scales are applied
+// once, in the order of `reference.ternary_linear`.
 //
 // The kernel is launched to overlap the one before it (programmatic dependent launch): the producer starts
 // the first stages' weight copies, which no kernel writes, before it waits for that kernel.
@@ -273,7 +273,9 @@ __global__ void __cluster_dims__(1, 1, SPLITS) __launch_bounds__(128 * WARPGROUP
       if (i + kBatch <= chunks_here) {
         consume<kBatch, ROWS, TOKENS, STAGES>(acc, smem, full, empty, i, first_row, lane, shift);
       } else {
-        for (int c = i; c < chunks_here; ++c) consume<1, ROWS, TOKENS, STAGES>(acc, smem, full, empty, c, first_row, lane, shift);
+        for (int c = i; c < chunks_here; ++c) {
+          consume<1, ROWS, TOKENS, STAGES>(acc, smem, full, empty, c, first_row, lane, shift);
+        }
       }
     }
   }
