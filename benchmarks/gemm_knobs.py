@@ -3,12 +3,10 @@ GEMM's group size and its tile config for K = 2,560 (qkv, gate+up; o and down ru
 Each knob is swept with the others at their values in gpu.py; then those and the best of each alternate, with
 cuBLAS bf16 beside them. Prints a table and writes JSON."""
 import argparse
-import functools
 import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, "benchmarks")
 import gpu_kernels as gk  # noqa: E402
@@ -36,27 +34,11 @@ def main() -> None:
     parser.add_argument("output", nargs="?", default=str(gk.DEFAULT_OUTPUT.with_name("gemm_knobs.json")))
     args = parser.parse_args()
     torch.manual_seed(0)
-    ours, cublas = [], []
-    for n, k in gk.SHAPES.values():
-        weights = [gpu.repack(gk.random_packed(n, k)) for _ in range(gk.sets_for(n * k // 4))]
-        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(gk.sets_for(2 * n * k))]
-        scale = torch.rand(n, device="cuda") + 0.5
-        x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
-        codes, x_scale, sums = gpu.quantize_rows(x)
-        ours.append([functools.partial(gpu.w2a8_matmul, codes, x_scale, sums, w, scale, n) for w in weights])
-        cublas.append([functools.partial(F.linear, x, w) for w in dense])
-
-    def back_to_back(calls_per_shape: list, reps: int) -> float:
-        def layer(i: int) -> None:
-            for calls in calls_per_shape:
-                calls[i % len(calls)]()
-        sets = max(map(len, calls_per_shape))
-        return gk.median_us([functools.partial(layer, i) for i in range(sets)], reps=reps,
-                            sleep_cycles=5 * gk.SLEEP_CYCLES)
+    ours, cublas = gk.sequence_calls(M)
 
     def timed(knobs: dict, reps: int = 100) -> float:
         apply(knobs)
-        return back_to_back(ours, reps)
+        return gk.in_sequence_us(ours, reps)
 
     sweep, best = [], dict(CURRENT)
     for knob, values in CHOICES.items():
@@ -66,7 +48,7 @@ def main() -> None:
         best[knob] = min(results)[1]
         print(f"{knob:8} " + ", ".join(f"{v}: {t:.1f}" for t, v in results), flush=True)
     rounds = [{"current": timed(CURRENT, 200), "best": timed(best, 200)} for _ in range(3)]
-    base = back_to_back(cublas, 200)
+    base = gk.in_sequence_us(cublas, 200)
     print(f"\nbest {best}\n| round | current knobs us | best knobs us |\n| --- | --- | --- |")
     for i, r in enumerate(rounds):
         print(f"| {i} | {r['current']:.1f} | {r['best']:.1f} |")

@@ -113,8 +113,8 @@ def bench_shape(name: str, n: int, k: int, m: int, floor_us: float, config=None)
     }
 
 
-def bench_sequence(m: int) -> dict:
-    """The four shapes called back to back, timed as one span: ours against cuBLAS bf16."""
+def sequence_calls(m: int) -> tuple[list[list], list[list]]:
+    """Per shape, `w2a8_matmul` on each of its rotated weight sets, and cuBLAS bf16 `F.linear` on each of its."""
     ours, cublas = [], []
     for n, k in SHAPES.values():
         weights = [gpu.repack(random_packed(n, k)) for _ in range(sets_for(n * k // 4))]
@@ -122,19 +122,25 @@ def bench_sequence(m: int) -> dict:
         scale = torch.rand(n, device="cuda") + 0.5
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         codes, x_scale, sums = gpu.quantize_rows(x)
-        ours.append([lambda w=w, c=codes, s=x_scale, t=sums, v=scale, n=n: gpu.w2a8_matmul(c, s, t, w, v, n)
-                     for w in weights])
-        cublas.append([lambda w=w, x=x: F.linear(x, w) for w in dense])
+        ours.append([functools.partial(gpu.w2a8_matmul, codes, x_scale, sums, w, scale, n) for w in weights])
+        cublas.append([functools.partial(F.linear, x, w) for w in dense])
+    return ours, cublas
 
-    def in_sequence(calls_per_shape: list[list]) -> float:
-        def layer(i: int) -> None:
-            for calls in calls_per_shape:
-                calls[i % len(calls)]()
-        # Four launches to queue: a longer sleep (about 1 ms), so that the GPU never waits for the host.
-        return median_us([functools.partial(layer, i) for i in range(max(map(len, calls_per_shape)))],
-                         sleep_cycles=5 * SLEEP_CYCLES)
 
-    ours_us, cublas_us = in_sequence(ours), in_sequence(cublas)
+def in_sequence_us(calls_per_shape: list[list], reps: int = REPS) -> float:
+    """One call per shape back to back, timed as one span (the weight sets rotating)."""
+    def layer(i: int) -> None:
+        for calls in calls_per_shape:
+            calls[i % len(calls)]()
+    # Four launches to queue: a longer sleep (about 1 ms), so that the GPU never waits for the host.
+    return median_us([functools.partial(layer, i) for i in range(max(map(len, calls_per_shape)))], reps=reps,
+                     sleep_cycles=5 * SLEEP_CYCLES)
+
+
+def bench_sequence(m: int) -> dict:
+    """The four shapes called back to back, timed as one span: ours against cuBLAS bf16."""
+    ours, cublas = sequence_calls(m)
+    ours_us, cublas_us = in_sequence_us(ours), in_sequence_us(cublas)
     return {"w2a8_us": ours_us, "cublas_bf16_us": cublas_us, "speedup_vs_cublas": cublas_us / ours_us}
 
 
